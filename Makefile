@@ -1,0 +1,50 @@
+# The one entry point: `make run` and `make test` are all a newcomer needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PORT   ?= 8000
+BACKEND_PORT ?= 8001
+
+.PHONY: install run test unit lint format typecheck bench real-backend clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Start the bundled simulated backend and the gateway in front of it (Ctrl-C stops both).
+run: install
+	$(BIN)/python -m bench.demo --port $(PORT) --backend-port $(BACKEND_PORT)
+
+## Lint, type-check, then every test (the real llama.cpp server is built first if needed).
+test: install lint typecheck real-backend
+	$(BIN)/python -m pytest
+
+unit: install
+	$(BIN)/python -m pytest tests/unit
+
+lint: install
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff format --check proxy tests bench
+
+format: install
+	$(BIN)/ruff format proxy tests bench
+	$(BIN)/ruff check --fix proxy tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+## The benchmark suite: direct vs nginx vs inference-proxy (installs wrk and nginx if missing).
+bench: install
+	bash bench/ensure_tools.sh
+	$(BIN)/python -m bench.run
+
+real-backend:
+	@true
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

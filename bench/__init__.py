@@ -1,0 +1,1 @@
+"""Benchmarks for inference-proxy: simulated backend, load generators, scenarios, report."""

@@ -1,0 +1,269 @@
+"""The configuration: typed, frozen, checked as a whole before the gateway starts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+import yaml
+
+BackendKind = Literal["vllm", "sglang", "tgi", "ollama", "llamacpp", "openai"]
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config section: immutable, unknown keys rejected."""
+
+
+class ServerConfig(_Section, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = msgspec.field(default=8000)
+    workers: int = 1
+    max_body_mb: float = 32.0
+    drain_s: float = 30.0
+
+
+class TimeoutsConfig(_Section, frozen=True):
+    request_s: float = 120.0
+    max_request_s: float = 3600.0
+    connect_s: float = 5.0
+    idle_s: float = 60.0
+
+
+class AuthConfig(_Section, frozen=True):
+    keys_env: str = "API_KEYS"
+    open_paths: tuple[str, ...] = ("/health", "/ready", "/metrics")
+
+
+class HealthConfig(_Section, frozen=True):
+    interval_s: float = 5.0
+    timeout_s: float = 2.0
+
+
+class BackendConfig(_Section, frozen=True):
+    url: str
+    kind: BackendKind = "openai"
+    api_key_env: str | None = None
+    max_in_flight: int | None = None
+    keepalive_s: float = 4.0
+    max_connections: int = 1024
+    health_path: str | None = None
+
+
+class TargetConfig(_Section, frozen=True):
+    backend: str
+    model: str | None = None
+    weight: float = 1.0
+
+
+class ModelConfig(_Section, frozen=True):
+    targets: tuple[TargetConfig, ...]
+    fallbacks: tuple[str, ...] = ()
+
+
+class Config(_Section, frozen=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    backends: dict[str, BackendConfig] = msgspec.field(default_factory=dict)
+    models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
+
+
+class ConfigError(Exception):
+    """The configuration is wrong; `errors` lists every problem with its dotted key path."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+def load_config(text: bytes | str) -> Config:
+    """Parse YAML text into a checked `Config`, or raise `ConfigError` listing every problem."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"invalid YAML: {exc}"]) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): expected a mapping of sections"])
+    errors = _unknown_keys(raw, msgspec.inspect.type_info(Config), "")
+    if errors:
+        raise ConfigError(errors)
+    config, errors = _convert(raw)
+    if config is None:
+        raise ConfigError(errors)
+    errors = check(config)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def _convert(raw: dict[str, Any]) -> tuple[Config | None, list[str]]:
+    """Type-check each section (and each backend and model) on its own, so every error shows."""
+    errors: list[str] = []
+    sections: dict[str, Any] = {}
+    singles: tuple[tuple[str, type[_Section]], ...] = (
+        ("server", ServerConfig),
+        ("timeouts", TimeoutsConfig),
+        ("auth", AuthConfig),
+        ("health", HealthConfig),
+    )
+    for key, kind in singles:
+        if key in raw:
+            sections[key] = _convert_one(raw[key], kind, key, errors)
+    for key, kind in (("backends", BackendConfig), ("models", ModelConfig)):
+        entries = raw.get(key) or {}
+        if not isinstance(entries, dict):
+            errors.append(f"{key}: expected a mapping of names to entries")
+            continue
+        sections[key] = {
+            str(name): _convert_one(entry, kind, f"{key}.{name}", errors)
+            for name, entry in entries.items()
+        }
+    if errors:
+        return None, errors
+    return Config(**sections), []
+
+
+def _convert_one(value: Any, kind: type[Any], path: str, errors: list[str]) -> Any:
+    try:
+        return msgspec.convert(value, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        errors.append(_dotted(str(exc), path))
+        return None
+
+
+def backend_only_config(url: str, host: str | None = None, port: int | None = None) -> Config:
+    """The no-file mode: one backend, every model it lists, bodies untouched."""
+    config = Config(backends={"default": BackendConfig(url=url)})
+    errors = check(config)
+    if errors:
+        raise ConfigError(errors)
+    return with_listen(config, host, port)
+
+
+def with_listen(config: Config, host: str | None, port: int | None) -> Config:
+    """Apply the command line's --host/--port over the file's."""
+    server = msgspec.structs.replace(
+        config.server,
+        host=config.server.host if host is None else host,
+        port=config.server.port if port is None else port,
+    )
+    return msgspec.structs.replace(config, server=server)
+
+
+def check(config: Config) -> list[str]:
+    """Every value and cross-reference problem of a decoded config, each with its key path."""
+    errors: list[str] = []
+    s, t = config.server, config.timeouts
+    if not 0 <= s.port <= 65535:
+        errors.append(f"server.port: {s.port} is not a TCP port (0-65535)")
+    if s.workers < 1:
+        errors.append("server.workers: must be at least 1")
+    if s.max_body_mb <= 0:
+        errors.append("server.max_body_mb: must be positive")
+    if s.drain_s < 0:
+        errors.append("server.drain_s: must not be negative")
+    errors.extend(
+        f"timeouts.{name}: must be positive"
+        for name in ("request_s", "max_request_s", "connect_s", "idle_s")
+        if getattr(t, name) <= 0
+    )
+    if config.health.interval_s <= 0 or config.health.timeout_s <= 0:
+        errors.append("health: interval_s and timeout_s must be positive")
+    if t.request_s > t.max_request_s:
+        errors.append("timeouts.request_s: must not exceed timeouts.max_request_s")
+    for name, backend in config.backends.items():
+        errors.extend(_check_backend(f"backends.{name}", backend))
+    if not config.backends:
+        errors.append("backends: no backend configured")
+    for name, model in config.models.items():
+        errors.extend(_check_model(config, name, model))
+    return errors
+
+
+def health_path(backend: BackendConfig) -> str:
+    """Where a backend of this kind says it is alive."""
+    if backend.health_path is not None:
+        return backend.health_path
+    return {"ollama": "/", "openai": "/v1/models"}.get(backend.kind, "/health")
+
+
+def _check_model(config: Config, name: str, model: ModelConfig) -> list[str]:
+    errors: list[str] = []
+    path = f"models.{name}"
+    if not model.targets:
+        errors.append(f"{path}.targets: at least one target is needed")
+    for i, target in enumerate(model.targets):
+        if target.backend not in config.backends:
+            errors.append(f"{path}.targets[{i}].backend: unknown backend '{target.backend}'")
+        if target.weight <= 0:
+            errors.append(f"{path}.targets[{i}].weight: must be positive")
+    for i, fallback in enumerate(model.fallbacks):
+        if fallback not in config.models:
+            errors.append(f"{path}.fallbacks[{i}]: unknown model '{fallback}'")
+        elif fallback == name:
+            errors.append(f"{path}.fallbacks[{i}]: a model cannot fall back to itself")
+    return errors
+
+
+def _check_backend(path: str, backend: BackendConfig) -> list[str]:
+    errors: list[str] = []
+    parts = urlsplit(backend.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        errors.append(f"{path}.url: '{backend.url}' is not an http(s) URL with a host")
+    elif parts.query or parts.fragment:
+        errors.append(f"{path}.url: must not carry a query or fragment")
+    if backend.max_in_flight is not None and backend.max_in_flight < 1:
+        errors.append(f"{path}.max_in_flight: must be at least 1")
+    if backend.keepalive_s <= 0:
+        errors.append(f"{path}.keepalive_s: must be positive")
+    if backend.health_path is not None and not backend.health_path.startswith("/"):
+        errors.append(f"{path}.health_path: must start with '/'")
+    if backend.max_connections < 1:
+        errors.append(f"{path}.max_connections: must be at least 1")
+    return errors
+
+
+def _unknown_keys(value: Any, info: msgspec.inspect.Type, path: str) -> list[str]:
+    """Walk the raw YAML against the schema and name every key the schema does not know."""
+    if isinstance(info, msgspec.inspect.StructType) and isinstance(value, Mapping):
+        fields = {f.encode_name: f.type for f in info.fields}
+        errors: list[str] = []
+        for key, sub in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key not in fields:
+                errors.append(f"{where}: unknown key")
+            else:
+                errors.extend(_unknown_keys(sub, fields[key], where))
+        return errors
+    if isinstance(info, msgspec.inspect.DictType) and isinstance(value, Mapping):
+        return [
+            e for k, v in value.items() for e in _unknown_keys(v, info.value_type, f"{path}.{k}")
+        ]
+    if isinstance(info, msgspec.inspect.VarTupleType | msgspec.inspect.ListType) and isinstance(
+        value, list
+    ):
+        return [
+            e for i, v in enumerate(value) for e in _unknown_keys(v, info.item_type, f"{path}[{i}]")
+        ]
+    if isinstance(info, msgspec.inspect.UnionType):
+        return [e for t in info.types for e in _unknown_keys(value, t, path)]
+    return []
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+
+
+def _dotted(message: str, base: str) -> str:
+    """msgspec's "Expected `int`, got `str` - at `$.port`" as "server.port: expected ..."."""
+    m = _AT.match(message)
+    if m is None:
+        return f"{base}: {message}"
+    path = base + (m.group("path") or "")
+    msg = m.group("msg")
+    return f"{path}: {msg[:1].lower()}{msg[1:]}"

@@ -1,0 +1,109 @@
+"""The chain's upstream phases: admit, send, relay; fall back only before the first byte."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+
+from proxy import relay
+from proxy.errors import BackendTimeout, BackendUnreachable, Overloaded, ProxyError
+from proxy.exchange import Exchange
+from proxy.headers import upstream_headers
+from proxy.routing import Target
+from proxy.state import GatewayState
+from proxy.upstream import Backend, send
+from proxy.view import replace_model
+
+
+async def forward(
+    request: web.Request,
+    state: GatewayState,
+    ex: Exchange,
+    attempts: tuple[Target, ...],
+    path: str,
+    body: bytes | None,
+    deadline: float,
+) -> web.StreamResponse:
+    """Try each target in turn until one answers; errors after the first byte end the stream."""
+    failure: ProxyError = BackendUnreachable("no backend could take the request")
+    for target in attempts:
+        backend = state.backends[target.backend]
+        limit = backend.config.max_in_flight
+        if limit is not None and backend.in_flight >= limit:
+            failure = Overloaded(
+                f"backend '{backend.name}' is at its limit of {limit} requests in flight",
+                retry_after=1,
+            )
+            state.metrics.upstream_errors.labels(backend.name, failure.type).inc()
+            continue
+        payload = body
+        if body is not None and target.upstream_model is not None:
+            payload = replace_model(body, target.upstream_model)
+        ex.backend = backend.name
+        try:
+            return await _exchange(request, state, ex, backend, path, payload, deadline)
+        except BackendUnreachable as err:
+            state.metrics.upstream_errors.labels(backend.name, err.type).inc()
+            failure = err
+        except BackendTimeout as err:
+            state.metrics.upstream_errors.labels(backend.name, err.type).inc()
+            raise
+    raise failure
+
+
+async def _exchange(
+    request: web.Request,
+    state: GatewayState,
+    ex: Exchange,
+    backend: Backend,
+    path: str,
+    body: bytes | None,
+    deadline: float,
+) -> web.StreamResponse:
+    """One backend, one try: send, relay; the upstream response is closed on every way out."""
+    headers = upstream_headers(
+        request.headers.items(),
+        request.headers,
+        request_id=ex.request_id,
+        backend_key=backend.api_key,
+    )
+    url = backend.url(path, request.raw_path.partition("?")[2])
+    upstream: aiohttp.ClientResponse | None = None
+    response: web.StreamResponse | None = None
+    complete = False
+    backend.in_flight += 1
+    gauge = state.metrics.in_flight.labels(backend.name)
+    gauge.inc()
+    try:
+        async with asyncio.timeout_at(deadline) as timer:
+            upstream = await send(backend, request.method, url, headers, body)
+            response = await relay.start(request, upstream, ex)
+            complete = await relay.pump(
+                upstream, response, ex, timer, deadline, state.config.timeouts.idle_s
+            )
+    except TimeoutError:
+        err = BackendTimeout(
+            f"backend '{backend.name}' did not answer within the request's deadline"
+            if response is None
+            else f"backend '{backend.name}' stream stalled or ran past the request's deadline"
+        )
+        if response is None:
+            raise err from None
+        state.metrics.upstream_errors.labels(backend.name, err.type).inc()
+        await relay.end_with_error(request, response, err, ex)
+    except BackendUnreachable as err:
+        if response is None:
+            raise
+        state.metrics.upstream_errors.labels(backend.name, err.type).inc()
+        await relay.end_with_error(request, response, err, ex)
+    finally:
+        backend.in_flight -= 1
+        gauge.dec()
+        if upstream is not None:
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()  # the backend sees its connection close and stops generating
+    return response

@@ -1,0 +1,100 @@
+"""Active health checks: each backend's health route, polled; `/ready` reads the results."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy.config import Config, health_path
+from proxy.state import STATE, GatewayState
+from proxy.upstream import Backend
+
+logger = logging.getLogger("proxy.health")
+
+
+async def probe(backend: Backend, timeout_s: float) -> bool:
+    """Whether the backend answers its health route with a 2xx status within the timeout."""
+    url = backend.url(health_path(backend.config), "")
+    headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else None
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with backend.session.get(url, headers=headers) as response:
+                await response.read()
+                return 200 <= response.status < 300
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return False
+
+
+async def check_all(state: GatewayState) -> None:
+    """Probe every backend once, concurrently, and record the results."""
+    timeout_s = state.config.health.timeout_s
+    names = list(state.backends)
+    results = await asyncio.gather(*(probe(state.backends[n], timeout_s) for n in names))
+    for name, up in zip(names, results, strict=True):
+        if state.healthy.get(name) != up:
+            logger.info("backend %s is %s", name, "up" if up else "down")
+        state.healthy[name] = up
+        state.metrics.backend_up.labels(name).set(1 if up else 0)
+
+
+async def backend_models(backend: Backend, timeout_s: float) -> list[dict[str, object]]:
+    """A backend's own /v1/models cards; an unreachable backend contributes none."""
+    headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else None
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with backend.session.get(backend.url("/v1/models", ""), headers=headers) as resp:
+                if resp.status != 200:
+                    return []
+                value = orjson.loads(await resp.read())
+    except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+        return []
+    data = value.get("data") if isinstance(value, dict) else None
+    return [c for c in data if isinstance(c, dict)] if isinstance(data, list) else []
+
+
+async def discover_models(state: GatewayState) -> list[dict[str, object]]:
+    """The backends' model cards merged (first one wins); their ids become metric labels."""
+    timeout_s = state.config.timeouts.connect_s + state.config.health.timeout_s
+    lists = await asyncio.gather(*(backend_models(b, timeout_s) for b in state.backends.values()))
+    seen: dict[str, dict[str, object]] = {}
+    for cards in lists:
+        for card in cards:
+            model_id = card.get("id")
+            if isinstance(model_id, str):
+                seen.setdefault(model_id, card)
+    state.known_models = set(seen)
+    return list(seen.values())
+
+
+async def _poll(state: GatewayState) -> None:
+    while True:
+        await check_all(state)
+        if not state.config.models:
+            await discover_models(state)
+        await asyncio.sleep(state.config.health.interval_s)
+
+
+async def health_checks(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the polling task lives exactly as long as the app."""
+    task = asyncio.create_task(_poll(app[STATE]), name="health-checks")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def unready_models(config: Config, healthy: dict[str, bool]) -> list[str]:
+    """Models with no healthy target (with no models configured: the backends themselves)."""
+    if not config.models:
+        return [] if any(healthy.values()) else sorted(config.backends)
+    return sorted(
+        name
+        for name, model in config.models.items()
+        if not any(healthy.get(t.backend, False) for t in model.targets)
+    )

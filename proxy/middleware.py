@@ -1,0 +1,138 @@
+"""Once per request: request id, authentication, the error envelope, metrics and access log."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from proxy.accesslog import log_access
+from proxy.auth import authenticate
+from proxy.errors import (
+    Dialect,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    envelope,
+    error_headers,
+)
+from proxy.exchange import ClientGone, Exchange
+from proxy.headers import REQUEST_ID
+from proxy.state import STATE, GatewayState
+
+logger = logging.getLogger("proxy")
+
+EXCHANGE: web.RequestKey[Exchange] = web.RequestKey("exchange", Exchange)
+UNMATCHED_ROUTE = "unmatched"
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection first"
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def dialect_of(path: str) -> Dialect:
+    """Which protocol's error shape a path's clients read."""
+    if path.startswith(("/anthropic/", "/gateway/anthropic/")):
+        return "anthropic"
+    if path.startswith(("/gemini/", "/gateway/gemini/")):
+        return "gemini"
+    return "openai"
+
+
+def request_id_of(value: str | None) -> str:
+    """The client's X-Request-ID when it is a sane token, else a new one."""
+    if value is not None and _SAFE_REQUEST_ID.fullmatch(value):
+        return value
+    return uuid.uuid4().hex
+
+
+def error_response(err: ProxyError, ex: Exchange) -> web.Response:
+    """The one rendering of a gateway-made error."""
+    ex.status = err.status
+    ex.error_type = err.type
+    headers = error_headers(err)
+    headers[REQUEST_ID] = ex.request_id
+    return web.Response(
+        status=err.status,
+        body=envelope(err, ex.dialect),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def from_http_exception(exc: web.HTTPException) -> ProxyError:
+    """aiohttp's own refusals (no route, wrong method, body too big) as our errors."""
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge(
+            f"request body is over the gateway's limit ({exc.text or 'see server.max_body_mb'})"
+        )
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return MethodNotAllowed(f"method {exc.method} is not allowed here")
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("no such route")
+    return InvalidRequest(exc.reason)
+
+
+@web.middleware
+async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    state: GatewayState = request.app[STATE]
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else UNMATCHED_ROUTE
+    ex = Exchange(
+        request_id=request_id_of(request.headers.get(REQUEST_ID)),
+        route=route,
+        started=time.perf_counter(),
+        dialect=dialect_of(request.path),
+    )
+    request[EXCHANGE] = ex
+    response: web.StreamResponse | None = None
+    try:
+        if request.path not in state.open_paths:
+            query_key = request.query.get("key") if ex.dialect == "gemini" else None
+            ex.principal = authenticate(request.headers, state.keys, query_key)
+        response = await handler(request)
+        if not response.prepared:
+            response.headers[REQUEST_ID] = ex.request_id
+            ex.status = response.status
+        return response
+    except ProxyError as err:
+        return error_response(err, ex)
+    except web.HTTPException as exc:
+        return error_response(from_http_exception(exc), ex)
+    except ClientGone:
+        ex.client_gone = True
+        ex.status = CLIENT_CLOSED
+        return web.Response(status=CLIENT_CLOSED)
+    except asyncio.CancelledError:
+        ex.client_gone = True
+        ex.status = CLIENT_CLOSED
+        raise
+    except Exception:  # the one catch-all: a bug must still get an envelope and a log line
+        logger.exception("unhandled error on %s %s", request.method, request.path[:200])
+        return error_response(ProxyError("the gateway failed on this request; see its log"), ex)
+    finally:
+        if ex.client_gone:
+            ex.status = CLIENT_CLOSED
+        finished = time.perf_counter()
+        _account(state, ex, finished)
+        log_access(ex, request.method, request.path[:200], finished)
+
+
+def _account(state: GatewayState, ex: Exchange, finished: float) -> None:
+    """Every metric of one request, observed once at its end."""
+    m = state.metrics
+    m.requests.labels(ex.route, ex.model_label, ex.backend, str(ex.status)).inc()
+    m.duration.labels(ex.route, ex.model_label).observe(finished - ex.started)
+    if ex.sse:
+        if ex.first_byte_at is not None:
+            m.ttft.labels(ex.model_label, ex.backend).observe(ex.first_byte_at - ex.started)
+        if ex.events:
+            m.stream_chunks.labels(ex.model_label).inc(ex.events)
+    if ex.usage is not None:
+        m.tokens.labels(ex.model_label, "prompt").inc(ex.usage.prompt)
+        m.tokens.labels(ex.model_label, "completion").inc(ex.usage.completion)

@@ -1,0 +1,35 @@
+"""Everything a running gateway holds, kept on the app under one key."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from aiohttp import web
+
+from proxy.auth import KeySet
+from proxy.config import Config
+from proxy.metrics import Metrics
+from proxy.upstream import Backend
+
+
+class GatewayState:
+    """The config in force and the long-lived resources built from it."""
+
+    def __init__(
+        self, config: Config, keys: KeySet, backends: dict[str, Backend], metrics: Metrics
+    ) -> None:
+        self.config = config
+        self.keys = keys
+        self.backends = backends
+        self.metrics = metrics
+        self.rng = random.Random()  # noqa: S311  (load spreading, not security)
+        self.started_at = int(time.time())
+        self.open_paths = frozenset(config.auth.open_paths)
+        self.max_body = int(config.server.max_body_mb * 1024 * 1024)
+        # Model ids the backends listed (no-models mode): the only ones used as metric labels.
+        self.known_models: set[str] = set()
+        self.healthy: dict[str, bool] = dict.fromkeys(config.backends, False)
+
+
+STATE: web.AppKey[GatewayState] = web.AppKey("state", GatewayState)

@@ -1,0 +1,100 @@
+"""Fixtures: fake upstreams and gateways on 127.0.0.1, torn down after each test."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import create_app, make_runner
+from proxy.config import Config, load_config
+from proxy.state import STATE, GatewayState
+from tests.fakes import FakeUpstream
+
+# pytest_plugins = ["tests.real_backend.fixtures"]
+
+
+@dataclass
+class Upstream:
+    fake: FakeUpstream
+    url: str
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fake, name)
+
+
+@dataclass
+class Gateway:
+    url: str
+    state: GatewayState
+    runner: web.AppRunner
+
+
+@pytest.fixture
+async def upstream_factory() -> AsyncIterator[Callable[[], Coroutine[Any, Any, Upstream]]]:
+    servers: list[TestServer] = []
+
+    async def make() -> Upstream:
+        fake = FakeUpstream()
+        server = TestServer(fake.app(), host="127.0.0.1", handler_cancellation=True)
+        await server.start_server()
+        servers.append(server)
+        return Upstream(fake, f"http://127.0.0.1:{server.port}")
+
+    yield make
+    for server in servers:
+        await server.close()
+
+
+@pytest.fixture
+async def upstream(upstream_factory: Callable[[], Coroutine[Any, Any, Upstream]]) -> Upstream:
+    return await upstream_factory()
+
+
+@pytest.fixture
+async def gateway_factory() -> AsyncIterator[Callable[..., Coroutine[Any, Any, Gateway]]]:
+    runners: list[web.AppRunner] = []
+
+    async def make(config: Config | str, env: dict[str, str] | None = None) -> Gateway:
+        if isinstance(config, str):
+            config = load_config(config)
+        app = create_app(config, env or {})
+        runner = make_runner(app, config)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = runner.addresses[0][1]
+        return Gateway(f"http://127.0.0.1:{port}", app[STATE], runner)
+
+    yield make
+    for runner in runners:
+        await runner.cleanup()
+
+
+def one_backend(url: str, *, models: str = "", extra: str = "") -> str:
+    """A config text with one backend 'gpu' at `url`, optional models and extra sections."""
+    return f"backends:\n  gpu: {{url: '{url}', kind: vllm}}\n{models}{extra}"
+
+
+@pytest.fixture
+async def gateway(
+    upstream: Upstream, gateway_factory: Callable[..., Coroutine[Any, Any, Gateway]]
+) -> Gateway:
+    """A gateway with no models section in front of the fake upstream."""
+    return await gateway_factory(one_backend(upstream.url))
+
+
+async def wait_for(predicate: Callable[[], bool], within_s: float = 3.0) -> float:
+    """Poll until `predicate()` holds; returns the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < within_s, "condition not met in time"
+        await asyncio.sleep(0.002)
+    return time.monotonic() - start
