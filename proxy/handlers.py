@@ -15,7 +15,7 @@ from proxy.forward import forward
 from proxy.health import discover_models, unready_models
 from proxy.metrics import CONTENT_TYPE
 from proxy.middleware import EXCHANGE
-from proxy.routing import plan
+from proxy.routing import UNKNOWN_MODEL, plan
 from proxy.state import STATE, GatewayState
 from proxy.timeouts import TIMEOUT_HEADER, request_budget
 from proxy.view import peek
@@ -48,6 +48,7 @@ def openai_route(upstream_path: str) -> Handler:
 
     async def handle(request: web.Request) -> web.StreamResponse:
         state, ex = request.app[STATE], request[EXCHANGE]
+        ex.model_label = UNKNOWN_MODEL  # until routing names a configured one
         deadline = deadline_of(request, state)
         body = await read_body(request)
         view = peek(body)
