@@ -19,9 +19,11 @@ async def keyed(gateway_factory, upstream):
 
 
 async def status_of(url: str, headers: dict[str, str], method: str = "POST") -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as s:
-        async with s.request(method, url, data=BODY if method == "POST" else None, headers=headers) as r:
-            return r.status, (await r.json()) if r.content_type == "application/json" else {}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, url, data=BODY if method == "POST" else None, headers=headers) as r,
+    ):
+        return r.status, (await r.json()) if r.content_type == "application/json" else {}
 
 
 @pytest.mark.parametrize(
@@ -71,7 +73,10 @@ async def test_open_paths_need_no_key(keyed, path) -> None:
 async def test_models_list_needs_a_key(keyed) -> None:
     """/v1/models is not an open path."""
     assert 401 == (await status_of(keyed.url + "/v1/models", {}, method="GET"))[0]
-    assert 200 == (await status_of(keyed.url + "/v1/models", {"x-api-key": "k-alpha"}, method="GET"))[0]
+    assert (
+        200
+        == (await status_of(keyed.url + "/v1/models", {"x-api-key": "k-alpha"}, method="GET"))[0]
+    )
 
 
 async def test_auth_off_without_keys(gateway) -> None:

@@ -12,7 +12,9 @@ import pytest
 from tests.conftest import one_backend, wait_for
 
 
-async def call(url: str, body: bytes, headers: dict[str, str] | None = None, method: str = "POST") -> tuple[int, dict, dict[str, str]]:
+async def call(
+    url: str, body: bytes, headers: dict[str, str] | None = None, method: str = "POST"
+) -> tuple[int, dict, dict[str, str]]:
     async with aiohttp.ClientSession() as s:
         async with s.request(method, url, data=body, headers=headers) as r:
             raw = await r.read()
@@ -57,7 +59,9 @@ async def test_bad_timeout_header_is_400(gateway, value) -> None:
 async def test_timeout_header_above_max_is_clamped(gateway_factory, upstream) -> None:
     """A value above timeouts.max_request_s is accepted and clamped, not refused."""
     gw = await gateway_factory(one_backend(upstream.url, extra="timeouts: {max_request_s: 200}\n"))
-    status, _, _ = await call(gw.url + "/v1/chat/completions", b'{"model": "m"}', {"OICM-Request-Timeout": "99999"})
+    status, _, _ = await call(
+        gw.url + "/v1/chat/completions", b'{"model": "m"}', {"OICM-Request-Timeout": "99999"}
+    )
     assert 200 == status
 
 
@@ -94,7 +98,9 @@ async def test_wrong_method_is_405_envelope(gateway) -> None:
 
 async def test_unknown_model_is_404(gateway_factory, upstream) -> None:
     """A model the config does not name is a 404 not_found."""
-    gw = await gateway_factory(one_backend(upstream.url, models="models:\n  m: {targets: [{backend: gpu}]}\n"))
+    gw = await gateway_factory(
+        one_backend(upstream.url, models="models:\n  m: {targets: [{backend: gpu}]}\n")
+    )
     status, payload, _ = await call(gw.url + "/v1/chat/completions", b'{"model": "nope"}')
     assert (404, "not_found") == (status, payload["error"]["type"])
     assert "nope" in payload["error"]["message"]
@@ -127,7 +133,9 @@ async def test_half_body_then_vanish_leaks_nothing(gateway, upstream) -> None:
     port = int(gateway.url.rsplit(":", 1)[1])
     for _ in range(5):
         sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"model\"")
+        sock.sendall(
+            b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"model"'
+        )
         await asyncio.sleep(0.05)
         sock.close()
     await asyncio.sleep(0.1)
@@ -135,7 +143,7 @@ async def test_half_body_then_vanish_leaks_nothing(gateway, upstream) -> None:
     assert 0 == gateway.state.backends["gpu"].in_flight
     status, _, _ = await call(gateway.url + "/v1/chat/completions", b'{"model": "m"}')
     assert 200 == status
-    metrics = (await call_text(gateway.url + "/metrics"))
+    metrics = await call_text(gateway.url + "/metrics")
     assert 'status="499"' in metrics
 
 
@@ -146,5 +154,7 @@ async def call_text(url: str) -> str:
 
 async def test_request_id_returned_on_errors(gateway) -> None:
     """Even an error response carries the client's X-Request-ID."""
-    _, _, headers = await call(gateway.url + "/v1/chat/completions", b"[]", {"X-Request-ID": "abc-1"})
+    _, _, headers = await call(
+        gateway.url + "/v1/chat/completions", b"[]", {"X-Request-ID": "abc-1"}
+    )
     assert "abc-1" == headers["X-Request-ID"]

@@ -18,10 +18,16 @@ ODD_BODY = (
 )
 
 
-async def post(url: str | URL, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
-    async with aiohttp.ClientSession() as s:
-        async with s.post(url, data=body, headers={"Content-Type": "application/json", **(headers or {})}) as r:
-            return r.status, await r.read(), dict(r.headers)
+async def post(
+    url: str | URL, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, bytes, dict[str, str]]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            url, data=body, headers={"Content-Type": "application/json", **(headers or {})}
+        ) as r,
+    ):
+        return r.status, await r.read(), dict(r.headers)
 
 
 async def test_odd_body_reaches_upstream_unchanged(gateway, upstream) -> None:
@@ -32,7 +38,9 @@ async def test_odd_body_reaches_upstream_unchanged(gateway, upstream) -> None:
     assert "/v1/chat/completions" == upstream.last.path
 
 
-async def test_model_rewritten_only_where_the_target_names_an_upstream_id(gateway_factory, upstream) -> None:
+async def test_model_rewritten_only_where_the_target_names_an_upstream_id(
+    gateway_factory, upstream
+) -> None:
     """Only the top-level model value changes; every other byte stays as sent."""
     models = "models:\n  m:\n    targets: [{backend: gpu, model: 'Org/Real-7B'}]\n"
     gw = await gateway_factory(one_backend(upstream.url, models=models))
@@ -44,16 +52,16 @@ async def test_model_rewritten_only_where_the_target_names_an_upstream_id(gatewa
 async def test_prefixed_routes_forward_to_v1(gateway, upstream) -> None:
     """The MLflow and Databricks base paths reach the backend's /v1 route."""
     for prefix in ("/gateway/mlflow", "/mlflow", "/gateway/openai", "/openai"):
-        status, _, _ = await post(gateway.url + prefix + "/v1/embeddings", b'{"model":"m","input":"x"}')
+        status, _, _ = await post(
+            gateway.url + prefix + "/v1/embeddings", b'{"model":"m","input":"x"}'
+        )
         assert 200 == status
         assert "/v1/embeddings" == upstream.last.path
 
 
 async def test_headers_upstream_drop_credentials_and_hop_by_hop(gateway_factory, upstream) -> None:
     """Client credentials and hop-by-hop headers stay behind; the backend key and request id go."""
-    text = (
-        f"backends:\n  gpu: {{url: '{upstream.url}', api_key_env: GPU_KEY}}\n"
-    )
+    text = f"backends:\n  gpu: {{url: '{upstream.url}', api_key_env: GPU_KEY}}\n"
     gw = await gateway_factory(text, {"API_KEYS": "k1", "GPU_KEY": "backend-secret"})
     headers = {
         "Authorization": "Bearer k1",
@@ -75,14 +83,21 @@ async def test_headers_upstream_drop_credentials_and_hop_by_hop(gateway_factory,
 async def test_no_credentials_reach_a_backend_without_a_key(gateway_factory, upstream) -> None:
     """With no api_key_env, the client's gateway key is not forwarded in any form."""
     gw = await gateway_factory(one_backend(upstream.url), {"API_KEYS": "k1"})
-    status, _, _ = await post(gw.url + "/v1/chat/completions", b'{"model":"m"}', {"x-api-key": "k1"})
+    status, _, _ = await post(
+        gw.url + "/v1/chat/completions", b'{"model":"m"}', {"x-api-key": "k1"}
+    )
     assert 200 == status
     assert not {"authorization", "x-api-key", "x-goog-api-key"} & set(upstream.last.headers)
 
 
 async def test_backend_error_passes_through(gateway, upstream) -> None:
     """A backend's own error keeps its status, body and headers."""
-    payload = {"object": "error", "message": "context too long", "type": "BadRequestError", "code": 400}
+    payload = {
+        "object": "error",
+        "message": "context too long",
+        "type": "BadRequestError",
+        "code": 400,
+    }
     upstream.script["/v1/chat/completions"] = json_script(400, payload, {"X-Backend": "yes"})
     status, body, headers = await post(gateway.url + "/v1/chat/completions", b'{"model":"m"}')
     assert 400 == status

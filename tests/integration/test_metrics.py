@@ -42,14 +42,32 @@ async def test_metrics_after_known_traffic(gateway_factory, upstream) -> None:
         async with s.get(gw.url + "/metrics") as r:
             assert r.headers["Content-Type"].startswith("text/plain")
             got = samples(await r.text())
-    assert 2 == value(got, "proxy_requests_total", route="/v1/completions", model="m", backend="gpu", status="200")
-    assert 3 == value(got, "proxy_requests_total", route="/v1/chat/completions", model="m", backend="gpu", status="200")
-    assert 1 == value(got, "proxy_requests_total", route="/v1/chat/completions", model="unknown", backend="none", status="404")
+    assert 2 == value(
+        got, "proxy_requests_total", route="/v1/completions", model="m", backend="gpu", status="200"
+    )
+    assert 3 == value(
+        got,
+        "proxy_requests_total",
+        route="/v1/chat/completions",
+        model="m",
+        backend="gpu",
+        status="200",
+    )
+    assert 1 == value(
+        got,
+        "proxy_requests_total",
+        route="/v1/chat/completions",
+        model="unknown",
+        backend="none",
+        status="404",
+    )
     assert 2 * 5 + 3 * 7 == value(got, "proxy_tokens_total", model="m", kind="prompt")
     assert 2 * 2 + 3 * 4 == value(got, "proxy_tokens_total", model="m", kind="completion")
     assert 3 * 7 == value(got, "proxy_stream_chunks_total", model="m")
     assert 3 == value(got, "proxy_time_to_first_token_seconds_count", model="m", backend="gpu")
-    assert 2 == value(got, "proxy_request_duration_seconds_count", route="/v1/completions", model="m")
+    assert 2 == value(
+        got, "proxy_request_duration_seconds_count", route="/v1/completions", model="m"
+    )
     assert 0 == value(got, "proxy_in_flight_requests", backend="gpu")
     assert 1 == value(got, "proxy_backend_up", backend="gpu")
 

@@ -110,14 +110,16 @@ async def test_deadline_before_first_byte_is_504(gateway, upstream) -> None:
 async def test_deadline_during_stream_ends_with_error_event(gateway, upstream) -> None:
     """A deadline that passes mid-stream ends it with one error event and no [DONE]."""
     upstream.script["/v1/chat/completions"] = stream_script(tokens=50, gap=0.05)
-    async with aiohttp.ClientSession() as s:
-        async with s.post(
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
             gateway.url + "/v1/chat/completions",
             data=CHAT,
             headers={"OICM-Request-Timeout": "0.4"},
-        ) as r:
-            assert 200 == r.status
-            events = await read_events(r)
+        ) as r,
+    ):
+        assert 200 == r.status
+        events = await read_events(r)
     assert events[-1].startswith(b"data: ")
     last = orjson.loads(events[-1][len(b"data: ") :])
     assert {"error"} == set(last)
