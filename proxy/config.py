@@ -162,8 +162,8 @@ def check(config: Config) -> list[str]:
     s, t = config.server, config.timeouts
     if not 0 <= s.port <= 65535:
         errors.append(f"server.port: {s.port} is not a TCP port (0-65535)")
-    if s.workers < 1:
-        errors.append("server.workers: must be at least 1")
+    if s.workers != 1:
+        errors.append("server.workers: only 1 worker per process is supported in this version")
     if s.max_body_mb <= 0:
         errors.append("server.max_body_mb: must be positive")
     if s.drain_s < 0:

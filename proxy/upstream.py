@@ -49,9 +49,10 @@ class _ReuseAwareConnector(aiohttp.TCPConnector):
     ) -> Any:
         conn = await super().connect(req, traces, timeout)
         proto = conn.protocol
-        attempt = _ATTEMPT.get()
-        if attempt is not None and proto is not None:
-            attempt.reused = proto in self._seen
+        if proto is not None:
+            attempt = _ATTEMPT.get()
+            if attempt is not None:
+                attempt.reused = proto in self._seen
             self._seen.add(proto)
         return conn
 

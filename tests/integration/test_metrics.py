@@ -94,3 +94,38 @@ async def test_junk_paths_do_not_mint_series(gateway) -> None:
             text = await r.text()
     assert 'route="unmatched"' in text
     assert "wp-admin" not in text
+
+
+async def test_one_access_log_line_per_request(gateway_factory, upstream, caplog) -> None:
+    """Each request writes one JSON line with its id, route, model, backend, status and sizes."""
+    import logging
+
+    import orjson
+
+    caplog.set_level(logging.INFO, logger="proxy.access")
+    gw = await gateway_factory(one_backend(upstream.url, models=MODELS), {"API_KEYS": "secret-k"})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            gw.url + "/v1/chat/completions",
+            data=b'{"model": "m"}',
+            headers={"Authorization": "Bearer secret-k", "X-Request-ID": "trace-7"},
+        ) as r:
+            body = await r.read()
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.access"]
+    assert 1 == len(lines)
+    record = orjson.loads(lines[0])
+    assert {
+        "request_id": "trace-7",
+        "method": "POST",
+        "route": "/v1/chat/completions",
+        "model": "m",
+        "backend": "gpu",
+        "status": 200,
+        "bytes_in": 14,
+        "bytes_out": len(body),
+        "prompt_tokens": 5,
+        "completion_tokens": 2,
+        "key": "key-0",
+    }.items() <= record.items()
+    assert record["duration_ms"] >= record["ttfb_ms"] > 0
+    assert "secret-k" not in lines[0]
