@@ -35,7 +35,7 @@ def create_app(config: Config, environ: Mapping[str, str] | None = None) -> web.
         state.backends = open_backends(config, env)
         yield
         for backend in state.backends.values():
-            await backend.close()
+            backend.close()
 
     app.cleanup_ctx.append(backends)
     app.cleanup_ctx.append(health_checks)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 from aiohttp import web
 
 from proxy import relay
 from proxy.errors import BackendTimeout, BackendUnreachable, Overloaded, ProxyError
 from proxy.exchange import Exchange
+from proxy.h1 import Response
 from proxy.headers import upstream_headers
 from proxy.routing import Target
 from proxy.state import GatewayState
@@ -63,14 +63,9 @@ async def _exchange(
     deadline: float,
 ) -> web.StreamResponse:
     """One backend, one try: send, relay; the upstream response is closed on every way out."""
-    headers = upstream_headers(
-        request.headers.items(),
-        request.headers,
-        request_id=ex.request_id,
-        backend_key=backend.api_key,
-    )
-    url = backend.url(path, request.raw_path.partition("?")[2])
-    upstream: aiohttp.ClientResponse | None = None
+    headers = upstream_headers(request.raw_headers, request_id=ex.request_id)
+    target = backend.target(path, request.raw_path.partition("?")[2])
+    upstream: Response | None = None
     response: web.StreamResponse | None = None
     complete = False
     backend.in_flight += 1
@@ -78,7 +73,7 @@ async def _exchange(
     gauge.inc()
     try:
         async with asyncio.timeout_at(deadline) as timer:
-            upstream = await send(backend, request.method, url, headers, body)
+            upstream = await send(backend, request.method, target, headers, body)
             response = await relay.start(request, upstream, ex)
             complete = await relay.pump(
                 upstream, response, ex, timer, deadline, state.config.timeouts.idle_s

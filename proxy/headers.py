@@ -1,70 +1,75 @@
-"""Which headers cross the gateway, in each direction."""
+"""Which headers cross the gateway, in each direction (raw bytes in, as the wire has them)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 from multidict import CIMultiDict
 
 from proxy.auth import CREDENTIAL_HEADERS
 
+RawHeaders = Iterable[tuple[bytes, bytes]]
+
 # RFC 9110 section 7.6.1 hop-by-hop headers, plus those the gateway sets itself.
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
-_NOT_UPSTREAM = HOP_BY_HOP | CREDENTIAL_HEADERS | {"host", "content-length", "expect"}
-_NOT_DOWNSTREAM = HOP_BY_HOP | {"content-length"}
+_NOT_UPSTREAM = (
+    HOP_BY_HOP
+    | {h.encode() for h in CREDENTIAL_HEADERS}
+    | {b"host", b"content-length", b"expect", b"x-request-id"}
+)
+_NOT_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 REQUEST_ID = "X-Request-ID"
 EVENT_STREAM = "text/event-stream"
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     """Header names the sender listed in `Connection`, which are hop-by-hop too."""
-    value = headers.get("Connection", "")
-    return {t.strip().lower() for t in value.split(",") if t.strip()}
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+        if token.strip()
+    }
 
 
-def upstream_headers(
-    client: Iterable[tuple[str, str]],
-    client_map: Mapping[str, str],
-    *,
-    request_id: str,
-    backend_key: str | None,
-) -> CIMultiDict[str]:
-    """The client's end-to-end headers, without its gateway credentials, plus ours."""
-    drop = _NOT_UPSTREAM | _connection_tokens(client_map) | {"x-request-id"}
-    out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in client if name.lower() not in drop
-    )
-    out[REQUEST_ID] = request_id
-    if backend_key:
-        out["Authorization"] = f"Bearer {backend_key}"
-    return out
+def upstream_headers(client: RawHeaders, *, request_id: str) -> bytes:
+    """The client's end-to-end header lines, without its gateway credentials, plus the id.
+
+    Host, Content-Length and the backend's own key are added by the upstream leg.
+    """
+    headers = list(client)
+    drop = _NOT_UPSTREAM | _connection_tokens(headers) if headers else _NOT_UPSTREAM
+    lines = [
+        name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in drop
+    ]
+    lines.append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n")
+    return b"".join(lines)
 
 
-def downstream_headers(
-    upstream: Iterable[tuple[str, str]],
-    upstream_map: Mapping[str, str],
-    *,
-    request_id: str,
-) -> CIMultiDict[str]:
+def downstream_headers(upstream: RawHeaders, *, request_id: str) -> CIMultiDict[str]:
     """The backend's response headers minus hop-by-hop ones; event streams marked unbuffered."""
-    drop = _NOT_DOWNSTREAM | _connection_tokens(upstream_map)
+    headers = list(upstream)
+    drop = _NOT_DOWNSTREAM | _connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict(
-        (name, value) for name, value in upstream if name.lower() not in drop
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in headers
+        if name.lower() not in drop
     )
     out[REQUEST_ID] = request_id
-    if is_event_stream(upstream_map.get("Content-Type", "")):
+    if is_event_stream(out.get("Content-Type", "")):
         out.setdefault("Cache-Control", "no-cache")
         out["X-Accel-Buffering"] = "no"
     return out

@@ -7,28 +7,25 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from proxy.config import Config, health_path
+from proxy.errors import ProxyError
 from proxy.state import STATE, GatewayState
-from proxy.upstream import Backend
+from proxy.upstream import Backend, fetch
 
 logger = logging.getLogger("proxy.health")
 
 
 async def probe(backend: Backend, timeout_s: float) -> bool:
     """Whether the backend answers its health route with a 2xx status within the timeout."""
-    url = backend.url(health_path(backend.config), "")
-    headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else None
     try:
         async with asyncio.timeout(timeout_s):
-            async with backend.session.get(url, headers=headers) as response:
-                await response.read()
-                return 200 <= response.status < 300
-    except (TimeoutError, aiohttp.ClientError, OSError):
+            status, _ = await fetch(backend, health_path(backend.config), limit=1024 * 1024)
+    except (TimeoutError, ProxyError):
         return False
+    return 200 <= status < 300
 
 
 async def check_all(state: GatewayState) -> None:
@@ -45,14 +42,11 @@ async def check_all(state: GatewayState) -> None:
 
 async def backend_models(backend: Backend, timeout_s: float) -> list[dict[str, object]]:
     """A backend's own /v1/models cards; an unreachable backend contributes none."""
-    headers = {"Authorization": f"Bearer {backend.api_key}"} if backend.api_key else None
     try:
         async with asyncio.timeout(timeout_s):
-            async with backend.session.get(backend.url("/v1/models", ""), headers=headers) as resp:
-                if resp.status != 200:
-                    return []
-                value = orjson.loads(await resp.read())
-    except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+            status, body = await fetch(backend, "/v1/models")
+        value = orjson.loads(body) if status == 200 else None
+    except (TimeoutError, ProxyError, orjson.JSONDecodeError):
         return []
     data = value.get("data") if isinstance(value, dict) else None
     return [c for c in data if isinstance(c, dict)] if isinstance(data, list) else []
@@ -75,6 +69,8 @@ async def discover_models(state: GatewayState) -> list[dict[str, object]]:
 async def _poll(state: GatewayState) -> None:
     while True:
         await check_all(state)
+        for backend in state.backends.values():
+            backend.pool.sweep()
         if not state.config.models:
             await discover_models(state)
         await asyncio.sleep(state.config.health.interval_s)

@@ -5,38 +5,33 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 from aiohttp import web
 
 from proxy.errors import ProxyError, sse_error
 from proxy.exchange import Exchange
+from proxy.h1 import Response
 from proxy.headers import downstream_headers, is_event_stream
-from proxy.upstream import read_chunk
 from proxy.usage import TAIL_BYTES, count_events, usage_in
 
 # The idle timer is re-armed at most this often (seconds): per-chunk work stays O(1).
 _REARM_EVERY = 0.5
 
 
-async def start(
-    request: web.Request, upstream: aiohttp.ClientResponse, ex: Exchange
-) -> web.StreamResponse:
+async def start(request: web.Request, upstream: Response, ex: Exchange) -> web.StreamResponse:
     """Send the backend's status and headers (minus hop-by-hop ones) to the client."""
-    headers = downstream_headers(
-        upstream.headers.items(), upstream.headers, request_id=ex.request_id
-    )
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    length = upstream.headers.get("Content-Length")
+    headers = downstream_headers(upstream.headers, request_id=ex.request_id)
+    response = web.StreamResponse(status=upstream.status, headers=headers)
+    length = upstream.header(b"content-length")
     if length is not None and length.isdigit():
         response.content_length = int(length)
     ex.status = upstream.status
-    ex.sse = is_event_stream(upstream.headers.get("Content-Type", ""))
+    ex.sse = is_event_stream(headers.get("Content-Type", ""))
     await response.prepare(request)
     return response
 
 
 async def pump(
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     response: web.StreamResponse,
     ex: Exchange,
     timer: asyncio.Timeout,
@@ -51,12 +46,13 @@ async def pump(
     loop = asyncio.get_running_loop()
     armed = loop.time()
     timer.reschedule(min(deadline, armed + idle_s))
-    backend, sse = ex.backend, ex.sse
+    sse = ex.sse
+    read = upstream.read_chunk
     events = nbytes = 0
     ended_in_newline = False
     before_last = last = b""
     try:
-        while chunk := await read_chunk(upstream, backend):
+        while chunk := await read():
             if ex.first_byte_at is None:
                 ex.first_byte_at = time.perf_counter()
             nbytes += len(chunk)

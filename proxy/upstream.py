@@ -1,60 +1,12 @@
-"""The upstream leg: one keep-alive pool per backend, and sending a request on it.
-
-Foreign exceptions (aiohttp's, the OS's) are mapped to `ProxyError`s here, once.
-"""
+"""The upstream leg: one keep-alive pool per backend, and sending a request on it."""
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import errno
-import weakref
 from collections.abc import Mapping
-from typing import Any
-
-import aiohttp
-from multidict import CIMultiDict
-from yarl import URL
 
 from proxy.config import BackendConfig, Config
-from proxy.errors import BackendTimeout, BackendUnreachable
-
-
-class _Attempt:
-    """Whether the current send went out on a connection taken from the pool."""
-
-    __slots__ = ("reused",)
-
-    def __init__(self) -> None:
-        self.reused = False
-
-
-_ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
-    "proxy_upstream_attempt", default=None
-)
-
-
-class _ReuseAwareConnector(aiohttp.TCPConnector):
-    """A TCP connector that tells the sender whether its connection had carried requests before."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    async def connect(
-        self,
-        req: aiohttp.ClientRequest,
-        traces: list[Any],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109  (aiohttp's signature)
-    ) -> Any:
-        conn = await super().connect(req, traces, timeout)
-        proto = conn.protocol
-        if proto is not None:
-            attempt = _ATTEMPT.get()
-            if attempt is not None:
-                attempt.reused = proto in self._seen
-            self._seen.add(proto)
-        return conn
+from proxy.errors import BackendUnreachable
+from proxy.h1 import ConnectionClosed, Pool, Response
 
 
 class Backend:
@@ -63,30 +15,30 @@ class Backend:
     def __init__(self, name: str, config: BackendConfig, api_key: str | None, connect_s: float):
         self.name = name
         self.config = config
-        self.base = config.url.rstrip("/")
+        self.base_path = _base_path(config.url)
         self.api_key = api_key
         self.in_flight = 0
-        connector = _ReuseAwareConnector(
-            limit=config.max_connections,
-            keepalive_timeout=config.keepalive_s,
-            enable_cleanup_closed=False,
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            # A stream may run for as long as its deadline allows: no total timer here.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_s),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            raise_for_status=False,
-        )
+        self.pool = Pool(config.url, config.keepalive_s, connect_s, config.max_connections)
+        # Header lines every request to this backend carries.
+        fixed = [b"Host: " + self.pool.host_header + b"\r\n"]
+        if api_key:
+            fixed.append(b"Authorization: Bearer " + api_key.encode("latin-1") + b"\r\n")
+        self.fixed_headers = b"".join(fixed)
 
-    def url(self, path: str, query: str) -> URL:
-        """The upstream URL for a client path (already mapped) and raw query string."""
-        return URL(f"{self.base}{path}?{query}" if query else f"{self.base}{path}", encoded=True)
+    def target(self, path: str, query: str = "") -> bytes:
+        """The request target for a client path (already mapped) and raw query string."""
+        full = self.base_path + path
+        return (full + "?" + query if query else full).encode("latin-1")
 
-    async def close(self) -> None:
-        await self.session.close()
+    def close(self) -> None:
+        self.pool.close()
+
+
+def _base_path(url: str) -> str:
+    """The path part of a backend URL, without a trailing slash ('' for none)."""
+    after_scheme = url.split("://", 1)[-1]
+    slash = after_scheme.find("/")
+    return after_scheme[slash:].rstrip("/") if slash >= 0 else ""
 
 
 def open_backends(config: Config, environ: Mapping[str, str]) -> dict[str, Backend]:
@@ -102,56 +54,55 @@ def open_backends(config: Config, environ: Mapping[str, str]) -> dict[str, Backe
     }
 
 
-_STALE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
-
-
 async def send(
-    backend: Backend,
-    method: str,
-    url: URL,
-    headers: CIMultiDict[str],
-    body: bytes | None,
-) -> aiohttp.ClientResponse:
+    backend: Backend, method: str, target: bytes, headers: bytes, body: bytes | None
+) -> Response:
     """Send the request and wait for the response head; the caller owns the response.
 
-    A pooled connection that fails before any byte of the answer is the stale keep-alive
-    race (the backend closed the idle socket as the request went out): that one case is
-    retried, once, on a new connection. A new connection that fails is never retried.
+    `headers` are serialized header lines (each ending in CRLF) other than Host, the
+    backend's key and Content-Length, which are added here. A pooled connection that
+    closes before any byte of the answer is the stale keep-alive race (the backend closed
+    the idle socket as the request went out): that one case is retried, once, on a new
+    connection. A new connection that fails is never retried.
     """
+    head = [
+        method.encode("latin-1"),
+        b" ",
+        target,
+        b" HTTP/1.1\r\n",
+        backend.fixed_headers,
+        headers,
+    ]
+    if body is not None:
+        head.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        head.append(body)
+    else:
+        head.append(b"\r\n")
     for retry in (True, False):
-        attempt = _Attempt()
-        token = _ATTEMPT.set(attempt)
+        conn = await (backend.pool.acquire() if retry else backend.pool.connect())
         try:
-            return await backend.session.request(
-                method, url, headers=headers, data=body, allow_redirects=False
-            )
-        except aiohttp.ClientConnectorError as exc:
-            raise BackendUnreachable(
-                f"cannot connect to backend '{backend.name}': {exc.strerror or exc}"
-            ) from exc
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            stale = attempt.reused and (
-                isinstance(exc, aiohttp.ServerDisconnectedError) or exc.errno in _STALE_ERRNOS
-            )
-            if retry and stale:
+            return await conn.send(head)
+        except ConnectionClosed as exc:
+            if retry and exc.stale:
                 continue
             raise BackendUnreachable(
                 f"backend '{backend.name}' closed the connection before answering"
             ) from exc
-        except aiohttp.ServerTimeoutError as exc:
-            raise BackendTimeout(f"backend '{backend.name}' did not answer in time") from exc
-        except aiohttp.ClientError as exc:
-            raise BackendUnreachable(f"backend '{backend.name}' failed: {exc}") from exc
-        finally:
-            _ATTEMPT.reset(token)
+        except BaseException:
+            conn.abort()  # cancelled or failed while waiting: the backend must see the close
+            raise
     raise AssertionError("unreachable")  # the loop either returns or raises
 
 
-async def read_chunk(response: aiohttp.ClientResponse, backend: str) -> bytes:
-    """The next piece of the body as it arrived (b"" at its end), errors mapped."""
+async def fetch(
+    backend: Backend, path: str, limit: int = 16 * 1024 * 1024
+) -> tuple[int, bytes]:
+    """GET a small control resource (health, model list): status and whole body."""
+    response = await send(backend, "GET", backend.target(path), b"Accept: */*\r\n", None)
     try:
-        return await response.content.readany()
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-        raise BackendUnreachable(f"backend '{backend}' cut the response short") from exc
-    except asyncio.IncompleteReadError as exc:
-        raise BackendUnreachable(f"backend '{backend}' cut the response short") from exc
+        body = await response.read(limit)
+    except BaseException:
+        response.close()
+        raise
+    response.release()
+    return response.status, body

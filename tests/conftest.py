@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -18,6 +19,11 @@ from proxy.state import STATE, GatewayState
 from tests.fakes import FakeUpstream
 
 # pytest_plugins = ["tests.real_backend.fixtures"]
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
+    """Tests run on uvloop, as the gateway does in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 @dataclass

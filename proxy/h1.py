@@ -1,0 +1,325 @@
+"""A lean HTTP/1.1 client for the upstream leg: asyncio protocols, llhttp (httptools) parsing.
+
+One `Connection` carries one request at a time; a `Pool` keeps idle ones per backend.
+The response body is handed over in the pieces it arrived in (de-chunked), with reading
+paused while the client is slower than the backend. Foreign errors become `ProxyError`s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+from proxy.errors import BackendUnreachable
+
+# Pause reading from the backend while this many body bytes wait for the client.
+_HIGH_WATER = 256 * 1024
+
+
+class Response:
+    """A response head and its body as it arrives; read with `read_chunk()`."""
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_connection",
+        "_done",
+        "_error",
+        "_waiter",
+        "headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header (name in lower case), or None."""
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    async def read_chunk(self) -> bytes:
+        """The body bytes that arrived since the last call; b"" once the body is complete."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            self._waiter = self._connection.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if self._buffered > _HIGH_WATER:
+            self._connection.resume()
+        self._buffered = 0
+        return data
+
+    async def read(self, limit: int = 16 * 1024 * 1024) -> bytes:
+        """The whole body (for small control responses such as health checks)."""
+        parts = []
+        size = 0
+        while chunk := await self.read_chunk():
+            size += len(chunk)
+            if size > limit:
+                raise BackendUnreachable("backend sent a larger answer than expected")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Done with the response: its connection goes back to the pool if it can be reused."""
+        self._connection.finished(self)
+
+    def close(self) -> None:
+        """Abandon the response: the connection is closed, so the backend stops at once."""
+        self._connection.abort()
+
+    # Called by the connection's protocol callbacks.
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > _HIGH_WATER:
+            self._connection.pause()
+        self._wake()
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if error is not None and not self._done:
+            self._error = error
+        self._done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Connection(asyncio.Protocol):
+    """One upstream TCP connection and its HTTP/1.1 response parser."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: Response | None = None
+        self.head: asyncio.Future[Response] | None = None
+        self.requests = 0  # requests sent on this connection, this one included
+        self.received = False  # any byte of the current response has arrived
+        self.complete = False  # the current response has been read to its end
+        self.keep_alive = False
+        self.closed = False
+        self.idle_since = 0.0
+        self.paused = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.received = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(BackendUnreachable(f"backend sent malformed HTTP ({exc})"))
+            self.abort()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if not self.complete:
+            self._fail(ConnectionClosed(self.requests > 1 and not self.received))
+
+    # httptools callbacks
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.response is not None
+        self.response.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        assert response is not None and self.head is not None
+        response.status = self.parser.get_status_code()
+        self.keep_alive = self.parser.should_keep_alive()
+        if not self.head.done():
+            self.head.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        assert self.response is not None
+        self.response._feed(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        if self.response is not None:
+            self.response._finish()
+
+    # used by the pool and the response
+    def send(self, data: list[bytes]) -> asyncio.Future[Response]:
+        """Write one request; the returned future resolves when the response head is in."""
+        assert self.transport is not None
+        self.requests += 1
+        self.received = False
+        self.complete = False
+        self.response = Response(self)
+        self.head = self.loop.create_future()
+        self.transport.writelines(data)
+        return self.head
+
+    def finished(self, response: Response) -> None:
+        if response is self.response and self.complete and self.keep_alive and not self.closed:
+            self.response = None
+            self.head = None
+            self.pool.put(self)
+        else:
+            self.abort()
+
+    def abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+        self.pool.forget(self)
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def _fail(self, error: BaseException) -> None:
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(error)
+        elif self.response is not None:
+            self.response._finish(BackendUnreachable("backend cut the response short"))
+
+
+class ConnectionClosed(Exception):
+    """The backend closed the connection before the response head was complete."""
+
+    def __init__(self, stale: bool) -> None:
+        super().__init__("backend closed the connection before answering")
+        self.stale = stale  # a reused connection, and not a byte of an answer: safe to retry
+
+
+class Pool:
+    """Idle keep-alive connections to one backend, newest first, expiring after `keepalive_s`."""
+
+    def __init__(self, url: str, keepalive_s: float, connect_s: float, limit: int) -> None:
+        parts = urlsplit(url)
+        self.loop = asyncio.get_running_loop()
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl: ssl.SSLContext | None = (
+            ssl.create_default_context() if parts.scheme == "https" else None
+        )
+        default_port = (parts.scheme == "https" and self.port == 443) or self.port == 80
+        self.host_header = parts.netloc.encode() if not default_port else self.host.encode()
+        self.keepalive_s = keepalive_s
+        self.connect_s = connect_s
+        self.limit = limit
+        self.idle: collections.deque[Connection] = collections.deque()
+        self.open: set[Connection] = set()
+        self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.closing = False
+
+    async def acquire(self) -> Connection:
+        """A pooled connection still within its keep-alive, else a new one (within `limit`)."""
+        while True:
+            now = time.monotonic()
+            while self.idle:
+                conn = self.idle.pop()
+                if not conn.closed and now - conn.idle_since < self.keepalive_s:
+                    return conn
+                conn.abort()
+            if len(self.open) < self.limit:
+                return await self.connect()
+            waiter = self.loop.create_future()
+            self.waiters.append(waiter)
+            try:
+                await waiter  # a connection was put back or closed
+            finally:
+                if waiter in self.waiters:
+                    self.waiters.remove(waiter)
+
+    async def connect(self) -> Connection:
+        """A new connection, within `connect_s`."""
+        try:
+            async with asyncio.timeout(self.connect_s):
+                _, conn = await self.loop.create_connection(
+                    lambda: Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None,
+                )
+        except TimeoutError as exc:
+            raise BackendUnreachable(
+                f"connecting to {self.host}:{self.port} took over {self.connect_s} s"
+            ) from exc
+        except OSError as exc:
+            raise BackendUnreachable(
+                f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from exc
+        self.open.add(conn)
+        return conn
+
+    def put(self, conn: Connection) -> None:
+        if self.closing:
+            conn.abort()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+        self._wake_one()
+
+    def forget(self, conn: Connection) -> None:
+        if conn in self.open:
+            self.open.discard(conn)
+            self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def sweep(self) -> None:
+        """Close idle connections past their keep-alive."""
+        now = time.monotonic()
+        keep = [c for c in self.idle if not c.closed and now - c.idle_since < self.keepalive_s]
+        for conn in self.idle:
+            if conn not in keep:
+                conn.abort()
+        self.idle = collections.deque(keep)
+
+    def close(self) -> None:
+        """Close every connection, idle or busy."""
+        self.closing = True
+        for conn in list(self.open):
+            conn.abort()
+        self.idle.clear()
