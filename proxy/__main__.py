@@ -51,16 +51,11 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    access = logging.getLogger("proxy.access")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.propagate = False
 
 
 async def serve(config: Config) -> None:
     """Run the gateway until SIGTERM or SIGINT, then let requests in flight finish."""
-    runner = make_runner(create_app(config), config)
+    runner = make_runner(create_app(config, access_log=sys.stdout.buffer), config)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, backlog=4096)
     await site.start()

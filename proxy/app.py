@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
+from typing import BinaryIO
 
 from aiohttp import web
 
+from proxy.accesslog import AccessLog
 from proxy.auth import KeySet
 from proxy.config import Config
 from proxy.handlers import add_routes
@@ -20,15 +22,23 @@ from proxy.upstream import open_backends
 logger = logging.getLogger("proxy")
 
 
-def create_app(config: Config, environ: Mapping[str, str] | None = None) -> web.Application:
-    """The gateway for `config`, with secrets read from `environ` (default: os.environ)."""
+def create_app(
+    config: Config,
+    environ: Mapping[str, str] | None = None,
+    access_log: BinaryIO | None = None,
+) -> web.Application:
+    """The gateway for `config`, with secrets read from `environ` (default: os.environ).
+
+    Access-log lines go to `access_log` when it is given and `server.access_log` is on.
+    """
     env = os.environ if environ is None else environ
     keys = KeySet.from_env(env.get(config.auth.keys_env))
     app = web.Application(
         middlewares=[gateway_middleware],
         client_max_size=int(config.server.max_body_mb * 1024 * 1024),
     )
-    app[STATE] = GatewayState(config, keys, {}, Metrics(list(config.backends)))
+    log = AccessLog(access_log if config.server.access_log else None)
+    app[STATE] = GatewayState(config, keys, {}, Metrics(list(config.backends)), log)
 
     async def backends(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
@@ -39,6 +49,7 @@ def create_app(config: Config, environ: Mapping[str, str] | None = None) -> web.
 
     app.cleanup_ctx.append(backends)
     app.cleanup_ctx.append(health_checks)
+    app.cleanup_ctx.append(lambda _app: log.flushing())
     add_routes(app)
     for name, backend in config.backends.items():
         if backend.api_key_env and not env.get(backend.api_key_env):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -23,6 +24,7 @@ class ServerConfig(_Section, frozen=True):
     workers: int = 1
     max_body_mb: float = 32.0
     drain_s: float = 30.0
+    access_log: bool = True
 
 
 class TimeoutsConfig(_Section, frozen=True):
@@ -164,16 +166,16 @@ def check(config: Config) -> list[str]:
         errors.append(f"server.port: {s.port} is not a TCP port (0-65535)")
     if s.workers != 1:
         errors.append("server.workers: only 1 worker per process is supported in this version")
-    if s.max_body_mb <= 0:
-        errors.append("server.max_body_mb: must be positive")
-    if s.drain_s < 0:
-        errors.append("server.drain_s: must not be negative")
+    if not _positive(s.max_body_mb):
+        errors.append("server.max_body_mb: must be a positive number")
+    if not (math.isfinite(s.drain_s) and s.drain_s >= 0):
+        errors.append("server.drain_s: must be a number, 0 or more")
     errors.extend(
-        f"timeouts.{name}: must be positive"
+        f"timeouts.{name}: must be a positive number"
         for name in ("request_s", "max_request_s", "connect_s", "idle_s")
-        if getattr(t, name) <= 0
+        if not _positive(getattr(t, name))
     )
-    if config.health.interval_s <= 0 or config.health.timeout_s <= 0:
+    if not (_positive(config.health.interval_s) and _positive(config.health.timeout_s)):
         errors.append("health: interval_s and timeout_s must be positive")
     if t.request_s > t.max_request_s:
         errors.append("timeouts.request_s: must not exceed timeouts.max_request_s")
@@ -184,6 +186,10 @@ def check(config: Config) -> list[str]:
     for name, model in config.models.items():
         errors.extend(_check_model(config, name, model))
     return errors
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
 
 def health_path(backend: BackendConfig) -> str:
@@ -201,8 +207,8 @@ def _check_model(config: Config, name: str, model: ModelConfig) -> list[str]:
     for i, target in enumerate(model.targets):
         if target.backend not in config.backends:
             errors.append(f"{path}.targets[{i}].backend: unknown backend '{target.backend}'")
-        if target.weight <= 0:
-            errors.append(f"{path}.targets[{i}].weight: must be positive")
+        if not _positive(target.weight):
+            errors.append(f"{path}.targets[{i}].weight: must be a positive number")
     for i, fallback in enumerate(model.fallbacks):
         if fallback not in config.models:
             errors.append(f"{path}.fallbacks[{i}]: unknown model '{fallback}'")
@@ -220,7 +226,7 @@ def _check_backend(path: str, backend: BackendConfig) -> list[str]:
         errors.append(f"{path}.url: must not carry a query or fragment")
     if backend.max_in_flight is not None and backend.max_in_flight < 1:
         errors.append(f"{path}.max_in_flight: must be at least 1")
-    if backend.keepalive_s <= 0:
+    if not _positive(backend.keepalive_s):
         errors.append(f"{path}.keepalive_s: must be positive")
     if backend.health_path is not None and not backend.health_path.startswith("/"):
         errors.append(f"{path}.health_path: must start with '/'")

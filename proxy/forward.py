@@ -69,7 +69,7 @@ async def _exchange(
     response: web.StreamResponse | None = None
     complete = False
     backend.in_flight += 1
-    gauge = state.metrics.in_flight.labels(backend.name)
+    gauge = state.metrics.child(state.metrics.in_flight, backend.name)
     gauge.inc()
     try:
         async with asyncio.timeout_at(deadline) as timer:

@@ -52,9 +52,7 @@ def upstream_headers(client: RawHeaders, *, request_id: str) -> bytes:
     """
     headers = list(client)
     drop = _NOT_UPSTREAM | _connection_tokens(headers) if headers else _NOT_UPSTREAM
-    lines = [
-        name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in drop
-    ]
+    lines = [name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in drop]
     lines.append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n")
     return b"".join(lines)
 

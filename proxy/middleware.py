@@ -11,7 +11,6 @@ import uuid
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy.accesslog import log_access
 from proxy.auth import authenticate
 from proxy.errors import (
     Dialect,
@@ -120,19 +119,20 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             ex.status = CLIENT_CLOSED
         finished = time.perf_counter()
         _account(state, ex, finished)
-        log_access(ex, request.method, request.path[:200], finished)
+        state.access_log.write(ex, request.method, request.path[:200], finished)
 
 
 def _account(state: GatewayState, ex: Exchange, finished: float) -> None:
     """Every metric of one request, observed once at its end."""
     m = state.metrics
-    m.requests.labels(ex.route, ex.model_label, ex.backend, str(ex.status)).inc()
-    m.duration.labels(ex.route, ex.model_label).observe(finished - ex.started)
+    model = ex.model_label
+    m.child(m.requests, ex.route, model, ex.backend, str(ex.status)).inc()
+    m.child(m.duration, ex.route, model).observe(finished - ex.started)
     if ex.sse:
         if ex.first_byte_at is not None:
-            m.ttft.labels(ex.model_label, ex.backend).observe(ex.first_byte_at - ex.started)
+            m.child(m.ttft, model, ex.backend).observe(ex.first_byte_at - ex.started)
         if ex.events:
-            m.stream_chunks.labels(ex.model_label).inc(ex.events)
+            m.child(m.stream_chunks, model).inc(ex.events)
     if ex.usage is not None:
-        m.tokens.labels(ex.model_label, "prompt").inc(ex.usage.prompt)
-        m.tokens.labels(ex.model_label, "completion").inc(ex.usage.completion)
+        m.child(m.tokens, model, "prompt").inc(ex.usage.prompt)
+        m.child(m.tokens, model, "completion").inc(ex.usage.completion)

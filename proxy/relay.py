@@ -49,7 +49,7 @@ async def pump(
     sse = ex.sse
     read = upstream.read_chunk
     events = nbytes = 0
-    ended_in_newline = False
+    tail = b""
     before_last = last = b""
     try:
         while chunk := await read():
@@ -57,8 +57,8 @@ async def pump(
                 ex.first_byte_at = time.perf_counter()
             nbytes += len(chunk)
             if sse:
-                events += count_events(chunk, ended_in_newline)
-                ended_in_newline = chunk.endswith(b"\n")
+                events += count_events(chunk, tail)
+                tail = chunk[-2:]
             before_last, last = last, chunk
             try:
                 await response.write(chunk)

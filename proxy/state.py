@@ -7,6 +7,7 @@ import time
 
 from aiohttp import web
 
+from proxy.accesslog import AccessLog
 from proxy.auth import KeySet
 from proxy.config import Config
 from proxy.metrics import Metrics
@@ -17,12 +18,18 @@ class GatewayState:
     """The config in force and the long-lived resources built from it."""
 
     def __init__(
-        self, config: Config, keys: KeySet, backends: dict[str, Backend], metrics: Metrics
+        self,
+        config: Config,
+        keys: KeySet,
+        backends: dict[str, Backend],
+        metrics: Metrics,
+        access_log: AccessLog,
     ) -> None:
         self.config = config
         self.keys = keys
         self.backends = backends
         self.metrics = metrics
+        self.access_log = access_log
         self.rng = random.Random()  # noqa: S311  (load spreading, not security)
         self.started_at = int(time.time())
         self.open_paths = frozenset(config.auth.open_paths)

@@ -20,8 +20,8 @@ def request_budget(header: str | None, timeouts: TimeoutsConfig) -> float:
         raise InvalidRequest(
             f"{TIMEOUT_HEADER} must be a positive number of seconds, got {header[:40]!r}"
         )
-    seconds = float(header)
-    if not math.isfinite(seconds) or seconds <= 0:
+    seconds = float(header)  # a huge decimal becomes inf, which the clamp below handles
+    if math.isnan(seconds) or seconds <= 0:
         raise InvalidRequest(
             f"{TIMEOUT_HEADER} must be a positive number of seconds, got {header[:40]!r}"
         )

@@ -94,9 +94,7 @@ async def send(
     raise AssertionError("unreachable")  # the loop either returns or raises
 
 
-async def fetch(
-    backend: Backend, path: str, limit: int = 16 * 1024 * 1024
-) -> tuple[int, bytes]:
+async def fetch(backend: Backend, path: str, limit: int = 16 * 1024 * 1024) -> tuple[int, bytes]:
     """GET a small control resource (health, model list): status and whole body."""
     response = await send(backend, "GET", backend.target(path), b"Accept: */*\r\n", None)
     try:

@@ -20,12 +20,20 @@ class Usage(msgspec.Struct, frozen=True):
     completion: int
 
 
-def count_events(chunk: bytes, previous_ended_in_newline: bool) -> int:
-    """SSE events completed in `chunk`, i.e. blank-line terminators (LF or CRLF framing)."""
-    n = chunk.count(b"\n\n") + chunk.count(b"\n\r\n")
-    if previous_ended_in_newline and chunk[:1] in (b"\n", b"\r"):
-        n += 1
-    return n
+def count_events(chunk: bytes, tail: bytes = b"") -> int:
+    """SSE events completed in `chunk`: blank-line terminators, LF or CRLF framed.
+
+    `tail` is the end of the previous chunk (its last two bytes are enough), so that a
+    terminator split across two chunks is counted once, in the chunk that completes it.
+    """
+    if tail:
+        joined = tail[-2:] + chunk
+        return _terminators(joined) - _terminators(tail[-2:])
+    return _terminators(chunk)
+
+
+def _terminators(data: bytes) -> int:
+    return data.count(b"\n\n") + data.count(b"\n\r\n")
 
 
 def usage_in(tail: bytes) -> Usage | None:

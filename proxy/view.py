@@ -47,6 +47,8 @@ def peek(body: bytes) -> RequestView:
         raise InvalidRequest("'model' is required")
     if not isinstance(view.model, str) or not view.model:
         raise InvalidRequest("'model' must be a non-empty string")
+    if view.stream is None:  # OpenAI's schema allows null, meaning false
+        return RequestView(model=view.model, stream=False)
     if not isinstance(view.stream, bool):
         raise InvalidRequest("'stream' must be true or false")
     return RequestView(model=view.model, stream=view.stream)
@@ -83,7 +85,7 @@ def model_span(body: bytes) -> tuple[int, int] | None:
     for m in _TOKEN.finditer(body):
         first = body[m.start()]
         if first == 0x22:  # a string: a key when ':' follows it
-            if depth == 1 and m.group() == b'"model"':
+            if depth == 1 and _is_model_key(m.group()):
                 value = _VALUE_AFTER_KEY.match(body, m.end())
                 if value is not None:
                     if found is not None:
@@ -94,6 +96,13 @@ def model_span(body: bytes) -> tuple[int, int] | None:
         else:
             depth -= 1
     return found
+
+
+def _is_model_key(token: bytes) -> bool:
+    """Whether a JSON string token spells `model`, escapes included (`"mod\\u0065l"`)."""
+    if token == b'"model"':
+        return True
+    return b"\\" in token and len(token) < 64 and _ANY.decode(token) == "model"
 
 
 def replace_model(body: bytes, model: str) -> bytes:

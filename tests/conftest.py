@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -40,6 +41,11 @@ class Gateway:
     url: str
     state: GatewayState
     runner: web.AppRunner
+    access_log: io.BytesIO
+
+    def access_lines(self) -> list[bytes]:
+        """The access-log lines written so far."""
+        return self.access_log.getvalue().splitlines()
 
 
 @pytest.fixture
@@ -70,14 +76,15 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Coroutine[Any, Any, G
     async def make(config: Config | str, env: dict[str, str] | None = None) -> Gateway:
         if isinstance(config, str):
             config = load_config(config)
-        app = create_app(config, env or {})
+        log = io.BytesIO()
+        app = create_app(config, env or {}, access_log=log)
         runner = make_runner(app, config)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         runners.append(runner)
         port = runner.addresses[0][1]
-        return Gateway(f"http://127.0.0.1:{port}", app[STATE], runner)
+        return Gateway(f"http://127.0.0.1:{port}", app[STATE], runner, log)
 
     yield make
     for runner in runners:

@@ -7,11 +7,15 @@ import base64
 import struct
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import aiohttp
 import orjson
 import pytest
+
+from bench.disconnect import measure_all
 from bench.simbackend import SimBackend, start_simbackend
+from bench.streamload import LoadSpec, chat_body, run_load
 
 CHAT = {"model": "sim-model", "messages": [{"role": "user", "content": "hello there"}]}
 
@@ -193,3 +197,38 @@ async def test_idle_keepalive_connection_is_closed(sim: SimBackend) -> None:
     assert 0.2 < time.monotonic() - started < 1.0
     writer.close()
     await writer.wait_closed()
+
+
+async def test_streamload_counts_every_event(sim: SimBackend) -> None:
+    """The benchmark's load generator sees every stream whole: events, first event, no errors."""
+    spec = LoadSpec(
+        port=sim.port,
+        body=chat_body(5),
+        mode="burst",
+        streams=20,
+        ramp_ms=20,
+        rounds=2,
+        expect_events=8,  # role, 5 tokens, finish, [DONE]
+    )
+    summary = await run_load(spec)
+    assert (summary["ok"], summary["errors"], summary["events"]) == (40, 0, 320)
+    assert summary["ttfe_ms"]["p99"] <= summary["total_ms"]["p99"]
+
+
+async def test_streamload_flags_a_wrong_event_count(sim: SimBackend) -> None:
+    """A stream with another number of events than expected counts as an error, not a success."""
+    spec = LoadSpec(port=sim.port, body=chat_body(5), mode="loop", connections=2, duration_s=0.2)
+    summary = await run_load(replace(spec, expect_events=9))
+    assert summary["ok"] == 0
+    assert summary["error_kinds"] == {"events_mismatch": summary["requests"]}
+
+
+async def test_disconnect_probes_see_each_phase(sim: SimBackend) -> None:
+    """S4's probes, pointed straight at the backend, see every phase's hang-up within 50 ms."""
+    phases = await measure_all(
+        ("127.0.0.1", sim.port), ("127.0.0.1", sim.port), reps=2, hold_ms=800
+    )
+    assert set(phases) == {"headers", "first_token", "mid_stream"}
+    for figures in phases.values():
+        assert (figures["failed_probes"], figures["never_seen"]) == (0, 0)
+        assert 0 <= figures["ms"]["max"] < 50

@@ -56,6 +56,11 @@ def test_comments_and_other_fields_are_ignored() -> None:
     assert [{"a": 1}] == ChatStreamParser().feed(body)
 
 
+def test_event_with_empty_data_is_skipped() -> None:
+    """A keep-alive 'data:' with nothing after it is no event, as the SSE spec says."""
+    assert [{"a": 1}] == ChatStreamParser().feed(b'data:\n\ndata: \n\ndata: {"a": 1}\n\n')
+
+
 def test_multiline_data_is_joined_with_newlines() -> None:
     """Several data: lines of one event are one JSON text joined with '\\n'."""
     body = b'data: {"a":\ndata: [1,\ndata: 2]}\n\n'

@@ -12,7 +12,7 @@ import anthropic
 import httpx2
 import pydantic
 import pytest
-from anthropic.types import Message, RawMessageStreamEvent
+from anthropic.types import Message, RawMessageStreamEvent, TextBlock, ToolUseBlock
 
 from proxy.errors import BackendUnreachable, InvalidRequest
 from proxy.translate.anthropic import (
@@ -82,7 +82,7 @@ def minimal(**fields: object) -> dict[str, object]:
 
 
 def test_full_request_with_system_tools_and_tool_results() -> None:
-    """A multi-turn request with system blocks, tools, a tool call and its result maps field by field."""
+    """A multi-turn request with system, tools, a tool call and its result maps field by field."""
     expected = {
         "model": "Qwen/Qwen2.5-7B-Instruct",
         "messages": [
@@ -281,6 +281,16 @@ def test_tool_choice(choice: dict[str, object], expected: dict[str, object]) -> 
     assert expected == {k: chat[k] for k in ("tool_choice", "parallel_tool_calls") if k in chat}
 
 
+def test_structured_output_format() -> None:
+    """output_config.format's schema becomes a json_schema response_format; effort is dropped."""
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    body = minimal(
+        output_config={"effort": "low", "format": {"type": "json_schema", "schema": schema}}
+    )
+    expected = {"type": "json_schema", "json_schema": {"name": "response", "schema": schema}}
+    assert expected == to_chat_request(body, upstream_model="up")["response_format"]
+
+
 def _with_messages(*messages: object) -> dict[str, object]:
     return minimal(messages=list(messages))
 
@@ -335,10 +345,22 @@ _PNG = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
             _with_messages(
                 {
                     "role": "user",
+                    "content": [
+                        {"type": "image", "source": {"type": "url", "url": "https://x/a.png"}}
+                    ],
+                }
+            ),
+            "messages[0].content[0]: image input needs a model with vision, and this one has none",
+        ),
+        (
+            _with_messages(
+                {
+                    "role": "user",
                     "content": [{"type": "tool_result", "tool_use_id": "t", "content": [_PNG]}],
                 }
             ),
-            "messages[0].content[0].content[0]: image input needs a model with vision, and this one has none",
+            "messages[0].content[0].content[0]: "
+            "image input needs a model with vision, and this one has none",
         ),
         (
             _with_messages(
@@ -378,6 +400,10 @@ _PNG = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
             "tools[0].type: server tool 'web_search_20250305' is not supported",
         ),
         (minimal(tools=[{"name": "f"}]), "tools[0].input_schema: field required"),
+        (
+            minimal(output_config={"format": {"type": "xml"}}),
+            "output_config.format.type: unknown output_config type 'xml'",
+        ),
         (
             minimal(tool_choice={"type": "sometimes"}),
             "tool_choice.type: unknown tool_choice type 'sometimes'",
@@ -431,7 +457,7 @@ def test_text_response() -> None:
     }
     actual = from_chat_response(load("chat_completion_text.json"), model="claude-test")
     assert expected == actual
-    assert expected == Message.model_validate(actual).model_dump(exclude_none=True)
+    assert expected == Message.model_validate(actual).model_dump(exclude_unset=True)
 
 
 def test_tool_call_response() -> None:
@@ -512,7 +538,8 @@ def test_malformed_backend_answers_are_backend_unreachable() -> None:
         ({"choices": []}, "backend sent a chat completion with no choices"),
         (
             {"choices": "x"},
-            "backend sent a malformed chat completion: Expected `array`, got `str` - at `$.choices`",
+            "backend sent a malformed chat completion: "
+            "Expected `array`, got `str` - at `$.choices`",
         ),
         ({"error": {"message": "model not loaded"}}, "backend reported an error: model not loaded"),
         ([], "backend sent a malformed chat completion: Expected `object`, got `array`"),
@@ -528,7 +555,7 @@ def test_malformed_backend_answers_are_backend_unreachable() -> None:
 
 def test_text_stream_event_sequence() -> None:
     """A recorded text stream with a usage chunk gives Anthropic's full event sequence."""
-    start = {
+    start: dict[str, object] = {
         "id": "msg_1",
         "type": "message",
         "role": "assistant",
@@ -592,12 +619,12 @@ def test_message_delta_goes_out_with_the_usage_chunk() -> None:
 def test_tool_call_stream_split_over_chunks() -> None:
     """Tool calls become tool_use blocks whose input_json_delta pieces join to the arguments."""
     actual = events(run_stream(load("chat_stream_tool_call.json")))
-    expected_names = (
-        ["message_start", "content_block_start", "content_block_delta", "content_block_stop"]
-        + ["content_block_start", *["content_block_delta"] * 3, "content_block_stop"]
-        + ["content_block_start", "content_block_delta", "content_block_stop"]
-        + ["message_delta", "message_stop"]
-    )
+    expected_names = [
+        *["message_start", "content_block_start", "content_block_delta", "content_block_stop"],
+        *["content_block_start", *["content_block_delta"] * 3, "content_block_stop"],
+        *["content_block_start", "content_block_delta", "content_block_stop"],
+        *["message_delta", "message_stop"],
+    ]
     assert expected_names == [name for name, _ in actual]
     starts = [data["content_block"] for name, data in actual if name == "content_block_start"]
     assert [
@@ -665,7 +692,7 @@ def test_finish_without_any_chunk() -> None:
 
 
 def test_interleaved_tool_call_deltas_are_refused() -> None:
-    """Arguments for a tool block already closed cannot be sent: BackendUnreachable, not bad events."""
+    """Arguments for a tool block already closed cannot be sent: BackendUnreachable."""
     call = {"index": 0, "id": "a", "function": {"name": "f", "arguments": "{"}}
     other = {"index": 1, "id": "b", "function": {"name": "g", "arguments": "{}"}}
     late = {"index": 0, "function": {"arguments": "}"}}
@@ -690,7 +717,9 @@ Handler = Callable[[httpx2.Request], httpx2.Response]
 
 
 def gateway(
-    chat_answer: dict[str, object] | None, chunks: list[dict[str, object]], seen: list[object]
+    chat_answer: dict[str, object] | None,
+    chunks: list[dict[str, object]],
+    seen: list[dict[str, Any]],
 ) -> Handler:
     """What the gateway's translated route does, with a canned backend answer."""
 
@@ -713,6 +742,13 @@ def gateway(
     return handle
 
 
+def describe(block: object) -> tuple[str, object]:
+    if isinstance(block, TextBlock):
+        return ("text", block.text)
+    assert isinstance(block, ToolUseBlock)
+    return ("tool_use", (block.id, block.name, block.input))
+
+
 def client(handler: Handler) -> anthropic.Anthropic:
     transport = httpx2.MockTransport(handler)
     return anthropic.Anthropic(
@@ -725,7 +761,7 @@ def client(handler: Handler) -> anthropic.Anthropic:
 
 def test_sdk_messages_create() -> None:
     """anthropic.messages.create reads the translated answer: text, stop reason, usage."""
-    seen: list[object] = []
+    seen: list[dict[str, Any]] = []
     with client(gateway(load("chat_completion_text.json"), [], seen)) as sdk:
         message = sdk.messages.create(
             model="claude-test",
@@ -733,7 +769,7 @@ def test_sdk_messages_create() -> None:
             system="be brief",
             messages=[{"role": "user", "content": "Umbrella?"}],
             stop_sequences=["END"],
-            temperature=0.5,
+            extra_body={"temperature": 0.5},  # SDK 2.x dropped the argument; older ones send it
         )
     assert ("Yes, take an umbrella.", "end_turn", 57, 7) == (
         message.content[0].text if message.content[0].type == "text" else None,
@@ -774,13 +810,15 @@ def test_sdk_messages_create_with_tools() -> None:
 
 def test_sdk_messages_stream_text() -> None:
     """messages.stream over the translated stream yields the text and a complete final message."""
-    seen: list[object] = []
-    with client(gateway(None, load("chat_stream_text.json"), seen)) as sdk:
-        with sdk.messages.stream(
+    seen: list[dict[str, Any]] = []
+    with (
+        client(gateway(None, load("chat_stream_text.json"), seen)) as sdk,
+        sdk.messages.stream(
             model="claude-test", max_tokens=32, messages=[{"role": "user", "content": "Umbrella?"}]
-        ) as stream:
-            texts = list(stream.text_stream)
-            final = stream.get_final_message()
+        ) as stream,
+    ):
+        texts = list(stream.text_stream)
+        final = stream.get_final_message()
     assert ["Yes,", " take an", " umbrella."] == texts
     assert ("msg_s", "Yes, take an umbrella.", "end_turn", 57, 4) == (
         final.id,
@@ -789,30 +827,20 @@ def test_sdk_messages_stream_text() -> None:
         final.usage.input_tokens,
         final.usage.output_tokens,
     )
-    assert {"stream": True, "stream_options": {"include_usage": True}} == {
-        k: seen[0][k]
-        for k in ("stream", "stream_options")  # type: ignore[index]
-    }
+    expected_stream = {"stream": True, "stream_options": {"include_usage": True}}
+    assert expected_stream == {k: seen[0][k] for k in ("stream", "stream_options")}
 
 
 def test_sdk_messages_stream_tool_calls() -> None:
     """The SDK's stream accumulator rebuilds each tool call's input from the partial JSON."""
-    with client(gateway(None, load("chat_stream_tool_call.json"), [])) as sdk:
-        with sdk.messages.stream(
+    with (
+        client(gateway(None, load("chat_stream_tool_call.json"), [])) as sdk,
+        sdk.messages.stream(
             model="claude-test", max_tokens=32, messages=[{"role": "user", "content": "Paris?"}]
-        ) as stream:
-            final = stream.get_final_message()
-    blocks = [
-        (
-            b.type,
-            b.text
-            if b.type == "text"
-            else (b.id, b.name, b.input)
-            if b.type == "tool_use"
-            else None,
-        )
-        for b in final.content
-    ]
+        ) as stream,
+    ):
+        final = stream.get_final_message()
+    blocks = [describe(block) for block in final.content]
     assert [
         ("text", "Checking."),
         ("tool_use", ("chatcmpl-tool-77", "get_weather", {"city": "Paris"})),

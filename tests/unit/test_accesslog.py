@@ -1,0 +1,106 @@
+"""The access-log line: every field operators grep for, and never a key."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from multidict import CIMultiDict
+
+from proxy.accesslog import access_record
+
+NOW = "2026-11-22T03:04:12+0000"
+from proxy.auth import KeySet, authenticate
+from proxy.exchange import Exchange
+from proxy.usage import Usage
+
+SECRET = "sk-live-0123456789abcdef"
+
+
+def finished_stream() -> Exchange:
+    """A streamed chat completion that went well, authenticated with SECRET."""
+    ex = Exchange(
+        request_id="req-42", route="/v1/chat/completions", started=100.0, dialect="openai"
+    )
+    headers = CIMultiDict({"Authorization": f"Bearer {SECRET}", "X-Request-ID": "req-42"})
+    ex.principal = authenticate(headers, KeySet([SECRET, "sk-other"]))
+    ex.model_label = "qwen"
+    ex.backend = "gpu-a"
+    ex.status = 200
+    ex.sse = True
+    ex.first_byte_at = 100.25
+    ex.bytes_in = 321
+    ex.bytes_out = 4096
+    ex.events = 17
+    ex.usage = Usage(prompt=12, completion=34)
+    return ex
+
+
+def test_access_record_fields() -> None:
+    """The line holds the request's id, route, model, backend, status, timings, sizes and usage."""
+    record = json.loads(
+        access_record(finished_stream(), "POST", "/v1/chat/completions", 101.5, NOW)
+    )
+    expected = {
+        "request_id": "req-42",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "route": "/v1/chat/completions",
+        "model": "qwen",
+        "backend": "gpu-a",
+        "status": 200,
+        "duration_ms": 1500.0,
+        "ttfb_ms": 250.0,
+        "bytes_in": 321,
+        "bytes_out": 4096,
+        "events": 17,
+        "prompt_tokens": 12,
+        "completion_tokens": 34,
+        "key": "key-0",
+        "error": None,
+        "client_gone": False,
+    }
+    assert expected == {k: v for k, v in record.items() if k != "time"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", record["time"])
+
+
+def test_access_record_never_holds_the_key() -> None:
+    """The key's position is logged; the key itself and the Authorization value are not."""
+    line = access_record(finished_stream(), "POST", "/v1/chat/completions", 101.5, NOW)
+    assert b'"key":"key-0"' in line
+    assert SECRET.encode() not in line
+    assert b"Bearer" not in line
+
+
+def test_access_record_of_a_request_that_reached_no_backend() -> None:
+    """A refused request logs null ttfb, tokens and key, backend none, and its error type."""
+    ex = Exchange(request_id="r", route="unmatched", started=10.0, dialect="openai")
+    ex.status = 401
+    ex.error_type = "authentication_error"
+    record = json.loads(access_record(ex, "GET", "/v2/nothing", 10.5, NOW))
+    expected = {
+        "route": "unmatched",
+        "model": "none",
+        "backend": "none",
+        "status": 401,
+        "duration_ms": 500.0,
+        "ttfb_ms": None,
+        "bytes_in": 0,
+        "bytes_out": 0,
+        "events": 0,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "key": None,
+        "error": "authentication_error",
+        "client_gone": False,
+    }
+    assert expected == {k: record[k] for k in expected}
+
+
+def test_access_record_client_gone() -> None:
+    """A client that went away is logged as such, with the 499 the middleware sets."""
+    ex = finished_stream()
+    ex.status = 499
+    ex.client_gone = True
+    record = json.loads(access_record(ex, "POST", "/v1/chat/completions", 100.5, NOW))
+    assert (499, True, 250.0) == (record["status"], record["client_gone"], record["ttfb_ms"])

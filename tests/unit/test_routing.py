@@ -1,0 +1,175 @@
+"""Which backend serves a request: model entries, upstream ids, fallbacks, weights, readiness."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from proxy.config import load_config
+from proxy.errors import NotFound
+from proxy.health import unready_models
+from proxy.routing import UNKNOWN_MODEL, Plan, Target, pick, plan, targets_of
+
+BACKENDS = """
+backends:
+  gpu-a: {url: 'http://10.0.0.5:8000', kind: vllm}
+  gpu-b: {url: 'http://10.0.0.6:8080', kind: tgi}
+  gpu-c: {url: 'http://10.0.0.7:8080', kind: sglang}
+"""
+MODELS = """
+models:
+  qwen:
+    targets:
+      - {backend: gpu-a, model: Qwen/Qwen2.5-7B-Instruct}
+    fallbacks: [qwen-small, llama]
+  qwen-small:
+    targets:
+      - {backend: gpu-b}
+  llama:
+    targets:
+      - {backend: gpu-c, model: meta-llama/Llama-3.1-8B}
+  same:
+    targets:
+      - {backend: gpu-a, model: same}
+  split:
+    targets:
+      - {backend: gpu-a, model: up-a, weight: 3}
+      - {backend: gpu-b, model: up-b, weight: 1}
+"""
+PASSTHROUGH = load_config(BACKENDS)
+ROUTED = load_config(BACKENDS + MODELS)
+
+
+def test_no_models_passes_through_with_a_known_label() -> None:
+    """Without models, a model a backend listed is its own label and the body is untouched."""
+    result = plan(PASSTHROUGH, "llama3", random.Random(1), known={"llama3", "other"})
+    assert "llama3" == result.model_label
+    assert 1 == len(result.attempts)
+    assert result.attempts[0].upstream_model is None
+    assert result.attempts[0].backend in PASSTHROUGH.backends
+
+
+def test_no_models_labels_an_unlisted_model_unknown() -> None:
+    """Without models, a name no backend listed is still forwarded, labelled `unknown`."""
+    result = plan(PASSTHROUGH, "made-up-model", random.Random(1), known={"llama3"})
+    assert UNKNOWN_MODEL == result.model_label == "unknown"
+    assert result.attempts[0].upstream_model is None
+
+
+def test_no_models_spreads_over_every_backend() -> None:
+    """Without models, requests go to every configured backend."""
+    rng = random.Random(5)
+    chosen = {plan(PASSTHROUGH, "m", rng).attempts[0].backend for _ in range(200)}
+    assert {"gpu-a", "gpu-b", "gpu-c"} == chosen
+
+
+def test_unknown_model_is_not_found() -> None:
+    """With models configured, a name not among them is a 404 pointing at /v1/models."""
+    with pytest.raises(NotFound) as caught:
+        plan(ROUTED, "gpt-4o", random.Random(1))
+    assert 404 == caught.value.status
+    assert "model 'gpt-4o' does not exist; GET /v1/models lists the models" == caught.value.message
+
+
+def test_not_found_quotes_at_most_200_characters() -> None:
+    """A huge model name is not echoed back whole."""
+    with pytest.raises(NotFound) as caught:
+        plan(ROUTED, "x" * 10_000, random.Random(1))
+    assert f"model '{'x' * 200}' does not exist" in caught.value.message
+
+
+def test_plan_with_fallbacks() -> None:
+    """A model's own target comes first, then one per fallback, in the configured order."""
+    expected = Plan(
+        model_label="qwen",
+        attempts=(
+            Target(backend="gpu-a", upstream_model="Qwen/Qwen2.5-7B-Instruct"),
+            Target(backend="gpu-b", upstream_model="qwen-small"),
+            Target(backend="gpu-c", upstream_model="meta-llama/Llama-3.1-8B"),
+        ),
+    )
+    assert expected == plan(ROUTED, "qwen", random.Random(1))
+
+
+def test_fallback_targets_get_the_fallbacks_name() -> None:
+    """A fallback target without its own model id is sent the fallback's name, not the client's."""
+    attempts = plan(ROUTED, "qwen", random.Random(1)).attempts
+    assert "qwen-small" == attempts[1].upstream_model
+
+
+def test_upstream_model_none_when_it_equals_what_was_sent() -> None:
+    """No rewrite is planned when the upstream id is the name the client sent."""
+    assert (Target("gpu-b", None),) == plan(ROUTED, "qwen-small", random.Random(1)).attempts
+    assert (Target("gpu-a", None),) == plan(ROUTED, "same", random.Random(1)).attempts
+
+
+def test_targets_of_names_and_weights() -> None:
+    """targets_of keeps backends and weights, and rewrites only ids that differ from the request."""
+    expected = [Target("gpu-a", "up-a", 3.0), Target("gpu-b", "up-b", 1.0)]
+    assert expected == targets_of("split", ROUTED.models["split"], "split")
+    assert [Target("gpu-b", None)] == targets_of(
+        "qwen-small", ROUTED.models["qwen-small"], "qwen-small"
+    )
+    assert [Target("gpu-b", "qwen-small")] == targets_of(
+        "qwen-small", ROUTED.models["qwen-small"], "qwen"
+    )
+
+
+def test_weights_are_respected() -> None:
+    """With weights 3:1, about three draws in four go to the first target."""
+    rng = random.Random(20240601)
+    targets = targets_of("split", ROUTED.models["split"], "split")
+    counts = Counter(pick(targets, rng).backend for _ in range(4000))
+    assert abs(counts["gpu-a"] - 3000) < 150  # the standard deviation is about 27
+    assert 4000 == counts["gpu-a"] + counts["gpu-b"]
+
+
+def test_plan_uses_the_weights() -> None:
+    """plan() draws its first target by weight too."""
+    rng = random.Random(7)
+    counts = Counter(plan(ROUTED, "split", rng).attempts[0].backend for _ in range(4000))
+    assert abs(counts["gpu-a"] - 3000) < 150
+
+
+def test_single_target_draws_no_random_number() -> None:
+    """One target is returned as is, without touching the random generator."""
+    rng = random.Random(3)
+    state = rng.getstate()
+    target = Target("gpu-a", "m", 0.5)
+    assert target == pick([target], rng)
+    assert state == rng.getstate()
+
+
+# --- readiness (health.unready_models) ---------------------------------------------------
+
+
+def test_unready_models_all_healthy() -> None:
+    """Every model with a healthy target is ready."""
+    assert [] == unready_models(ROUTED, {"gpu-a": True, "gpu-b": True, "gpu-c": True})
+
+
+def test_unready_models_names_those_without_a_healthy_target() -> None:
+    """A model is unready when none of its targets is healthy; a fallback does not count."""
+    healthy = {"gpu-a": False, "gpu-b": True, "gpu-c": True}
+    assert ["qwen", "same"] == unready_models(ROUTED, healthy)
+
+
+def test_unready_models_one_healthy_target_is_enough() -> None:
+    """A model with several targets is ready while any one of them is healthy."""
+    healthy = {"gpu-a": False, "gpu-b": True, "gpu-c": False}
+    assert ["llama", "qwen", "same"] == unready_models(ROUTED, healthy)
+
+
+def test_unready_models_unknown_health_is_down() -> None:
+    """A backend not yet probed counts as down."""
+    assert ["llama", "qwen", "qwen-small", "same", "split"] == unready_models(ROUTED, {})
+
+
+def test_unready_backends_without_models() -> None:
+    """Without models, ready means some backend is up; else every backend is named."""
+    assert [] == unready_models(PASSTHROUGH, {"gpu-a": False, "gpu-b": True, "gpu-c": False})
+    assert ["gpu-a", "gpu-b", "gpu-c"] == unready_models(
+        PASSTHROUGH, {"gpu-a": False, "gpu-b": False, "gpu-c": False}
+    )

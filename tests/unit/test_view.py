@@ -1,0 +1,192 @@
+"""peek() reads `model` and `stream` only; replace_model() rewrites `model` and no other byte."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from proxy.errors import InvalidRequest
+from proxy.view import RequestView, decode_object, model_span, peek, replace_model
+
+# --- peek: valid bodies ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"model": "qwen"}', RequestView(model="qwen", stream=False)),
+        (b'{"model": "qwen", "stream": true}', RequestView(model="qwen", stream=True)),
+        (b'{"stream": false, "model": "qwen"}', RequestView(model="qwen", stream=False)),
+        (
+            b'\n  {"model":"Qwen/Qwen2.5-7B-Instruct"}\n',
+            RequestView("Qwen/Qwen2.5-7B-Instruct", False),
+        ),
+        (b'{"model": "caf\\u00e9"}', RequestView(model="caf\u00e9", stream=False)),
+        ('{"model": "模型"}'.encode(), RequestView(model="模型", stream=False)),
+        (
+            b'{"messages": [{"role": "user", "content": "hi", "model": 5}], "model": "m",'
+            b' "stream": true, "n": 1.5e3, "x": null, "tools": [[], {}]}',
+            RequestView(model="m", stream=True),
+        ),
+    ],
+)
+def test_peek_valid_bodies(body: bytes, expected: RequestView) -> None:
+    """`model` and `stream` (default false) come out of any valid object, other fields unread."""
+    assert expected == peek(body)
+
+
+# --- peek: bad bodies --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "message_part"),
+    [
+        (b'{"model": "a",}', "not valid JSON"),
+        (b'{"model": "a"', "not valid JSON"),
+        (b"{model: a}", "not valid JSON"),
+        (b'{"model": "a"} {}', "not valid JSON"),
+        (b"[]", "must be a JSON object"),
+        (b'[{"model": "a"}]', "must be a JSON object"),
+        (b'"model"', "must be a JSON object"),
+        (b"42", "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+        (b"", "request body is empty"),
+        (b" \r\n\t ", "request body is empty"),
+        (b"{}", "'model' is required"),
+        (b'{"messages": [{"model": "a"}]}', "'model' is required"),
+        (b'{"model": 7}', "'model' must be a non-empty string"),
+        (b'{"model": ""}', "'model' must be a non-empty string"),
+        (b'{"model": null}', "'model' must be a non-empty string"),
+        (b'{"model": ["a"]}', "'model' must be a non-empty string"),
+        (b'{"model": "a", "stream": "true"}', "'stream' must be true or false"),
+        (b'{"model": "a", "stream": 1}', "'stream' must be true or false"),
+        (b'{"model": "caf\xe9"}', "not valid UTF-8"),
+        (b'{"model": "a"}\xff', "not valid JSON"),
+        (b'\xff\xfe{"model": "a"}', "not valid JSON"),
+    ],
+)
+def test_peek_rejects_bad_bodies(body: bytes, message_part: str) -> None:
+    """Every body routing cannot use is a 400 invalid_request saying what is wrong."""
+    with pytest.raises(InvalidRequest) as caught:
+        peek(body)
+    assert 400 == caught.value.status
+    assert "invalid_request" == caught.value.type
+    assert message_part in caught.value.message
+
+
+def test_peek_message_names_the_json_type() -> None:
+    """A body that is JSON but not an object says what it is."""
+    with pytest.raises(InvalidRequest) as caught:
+        peek(b"[1, 2]")
+    assert "request body must be a JSON object (expected `object`, got `array`)" == (
+        caught.value.message
+    )
+
+
+# --- decode_object -----------------------------------------------------------------------
+
+
+def test_decode_object_returns_the_whole_object() -> None:
+    """The translating routes get every field of the body."""
+    assert {"model": "a", "messages": [{"role": "user"}]} == decode_object(
+        b'{"model": "a", "messages": [{"role": "user"}]}'
+    )
+
+
+@pytest.mark.parametrize("body", [b"[1]", b'"x"', b"{", b"\xff"])
+def test_decode_object_rejects_non_objects(body: bytes) -> None:
+    """A non-object, malformed or non-UTF-8 body is a 400 for the translating routes too."""
+    with pytest.raises(InvalidRequest):
+        decode_object(body)
+
+
+# --- replace_model -----------------------------------------------------------------------
+
+MARK = b"@MODEL@"
+TEMPLATES = {
+    "compact": b'{"model":@MODEL@,"stream":true}',
+    "odd spacing": b'{ "messages" :[ {"role":"user" , "content":"hi"} ] ,\n\t"model"\n :\t @MODEL@ ,'
+    b'"stream" :  true }\n',
+    "escaped quotes": b'{"messages":[{"role":"user","content":"say \\"model\\": \\"x\\", ok"}],'
+    b'"model":@MODEL@}',
+    "escaped backslash before quote": b'{"a":"\\\\","model":@MODEL@,"b":"\\\\\\"model\\""}',
+    "nested model keys": b'{"tools":[{"model":"inner"}],"meta":{"model":{"model":"deep"}},'
+    b'"model":@MODEL@,"extra":{"model":"after"}}',
+    "arrays and brackets in strings": b'{"stop":["model","}","]","{"],"model":@MODEL@,'
+    b'"n":[1,[2,[3,{"model":"x"}]]]}',
+    "unicode": '{"content":"héllo 世界 🚀 \\u00e9\\ud83d\\ude80","model":@MODEL@,"名":"值"}'.encode(),
+    "numbers": b'{"temperature":0.7,"max_tokens":1e3,"seed":-12,"model":@MODEL@,"top_p":1.0,'
+    b'"logit_bias":{"50256":-100}}',
+    "model value is the word model": b'{"name":"model","model":@MODEL@,"kind":"model"}',
+    "model first": b'{"model":@MODEL@,"messages":[]}',
+}
+
+
+@pytest.mark.parametrize("template", TEMPLATES.values(), ids=TEMPLATES.keys())
+@pytest.mark.parametrize("new", ["Qwen/Qwen2.5-7B-Instruct", "a", 'quote"and\\slash', "模型"])
+def test_replace_model_keeps_every_other_byte(template: bytes, new: str) -> None:
+    """Only the top-level model value changes; every byte before and after it is as sent."""
+    body = template.replace(MARK, b'"sent-name"')
+    expected = template.replace(MARK, json.dumps(new, ensure_ascii=False).encode())
+    actual = replace_model(body, new)
+    assert expected == actual
+    assert new == peek(actual).model
+
+
+def test_replace_model_of_an_escaped_value() -> None:
+    """A sent model with escapes in it is replaced whole."""
+    assert b'{"model":"b","x":1}' == replace_model(b'{"model":"a\\"q\\u0041","x":1}', "b")
+
+
+def test_replace_model_rejects_model_twice() -> None:
+    """A body with two top-level "model" keys is refused: which one a backend reads is unknown."""
+    with pytest.raises(InvalidRequest) as caught:
+        replace_model(b'{"model": "a", "messages": [], "model": "b"}', "x")
+    assert "'model' appears more than once in the body" == caught.value.message
+
+
+def test_replace_model_rejects_model_twice_when_one_is_escaped() -> None:
+    """A second "model" key spelt with a JSON escape is a duplicate too."""
+    body = b'{"model": "a", "mod\\u0065l": "b"}'
+    assert "b" == peek(body).model
+    with pytest.raises(InvalidRequest):
+        replace_model(body, "B-upstream")
+
+
+def test_replace_model_without_a_top_level_model() -> None:
+    """A body whose only "model" keys are nested has nothing to replace: 400."""
+    with pytest.raises(InvalidRequest):
+        replace_model(b'{"meta": {"model": "a"}}', "x")
+
+
+# --- model_span --------------------------------------------------------------------------
+
+
+def test_model_span_is_the_value_with_its_quotes() -> None:
+    """The span covers the value string, quotes included."""
+    body = b'{"stream": true, "model" : "qwen"}'
+    start, end = model_span(body) or (0, 0)
+    assert b'"qwen"' == body[start:end]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"name": "model"}',
+        b'{"a": ["model"], "b": "model"}',
+        b'{"meta": {"model": "x"}}',
+        b'{"model": 5}',
+        b"{}",
+    ],
+)
+def test_model_span_none_when_no_top_level_model_key(body: bytes) -> None:
+    """A "model" that is a value, nested, or not a string gives no span."""
+    assert model_span(body) is None
+
+
+def test_model_span_skips_model_as_a_top_level_value() -> None:
+    """The string "model" used as a value before the key is not mistaken for the key."""
+    body = b'{"name": "model", "model": "m", "tag": "model"}'
+    start, end = model_span(body) or (0, 0)
+    assert (body.index(b'"m"'), body.index(b'"m"') + 3) == (start, end)
