@@ -8,11 +8,11 @@ import re
 from multidict import CIMultiDict
 
 from proxy.accesslog import access_record
-
-NOW = "2026-11-22T03:04:12+0000"
 from proxy.auth import KeySet, authenticate
 from proxy.exchange import Exchange
 from proxy.usage import Usage
+
+NOW = "2026-11-22T03:04:12+0000"
 
 SECRET = "sk-live-0123456789abcdef"
 
