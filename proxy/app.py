@@ -12,10 +12,10 @@ from aiohttp import web
 from proxy.accesslog import AccessLog
 from proxy.auth import KeySet
 from proxy.config import Config
-from proxy.handlers import add_routes
 from proxy.health import health_checks
 from proxy.metrics import Metrics
 from proxy.middleware import gateway_middleware
+from proxy.routes import add_routes
 from proxy.state import STATE, GatewayState
 from proxy.upstream import open_backends
 

@@ -12,6 +12,16 @@ import msgspec
 import yaml
 
 BackendKind = Literal["vllm", "sglang", "tgi", "ollama", "llamacpp", "openai"]
+# Routes that not every OpenAI-compatible server has.
+OptionalApi = Literal["embeddings", "responses", "messages", "chat_template"]
+_SERVES_BY_KIND: dict[str, tuple[OptionalApi, ...]] = {
+    "vllm": ("embeddings", "responses", "messages", "chat_template"),
+    "sglang": ("embeddings", "responses", "messages"),
+    "ollama": ("embeddings", "responses", "messages"),
+    "llamacpp": ("embeddings", "responses", "messages"),
+    "tgi": (),
+    "openai": ("embeddings",),
+}
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -52,6 +62,7 @@ class BackendConfig(_Section, frozen=True):
     keepalive_s: float = 4.0
     max_connections: int = 1024
     health_path: str | None = None
+    serves: tuple[OptionalApi, ...] | None = None
 
 
 class TargetConfig(_Section, frozen=True):
@@ -60,9 +71,14 @@ class TargetConfig(_Section, frozen=True):
     weight: float = 1.0
 
 
+EndpointType = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]
+
+
 class ModelConfig(_Section, frozen=True):
     targets: tuple[TargetConfig, ...]
     fallbacks: tuple[str, ...] = ()
+    endpoint_type: EndpointType = "llm/v1/chat"
+    vision: bool = False
 
 
 class Config(_Section, frozen=True):
@@ -186,6 +202,12 @@ def check(config: Config) -> list[str]:
     for name, model in config.models.items():
         errors.extend(_check_model(config, name, model))
     return errors
+
+
+def serves(backend: BackendConfig, api: OptionalApi) -> bool:
+    """Whether a backend serves one of the optional routes (by its kind, or as configured)."""
+    served = backend.serves if backend.serves is not None else _SERVES_BY_KIND[backend.kind]
+    return api in served
 
 
 def _positive(value: float) -> bool:

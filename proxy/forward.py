@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -16,17 +17,17 @@ from proxy.state import GatewayState
 from proxy.upstream import Backend, send
 from proxy.view import replace_model
 
+Attempt = Callable[[Backend, Target], Awaitable[web.StreamResponse]]
 
-async def forward(
-    request: web.Request,
-    state: GatewayState,
-    ex: Exchange,
-    attempts: tuple[Target, ...],
-    path: str,
-    body: bytes | None,
-    deadline: float,
+
+async def try_targets(
+    state: GatewayState, ex: Exchange, attempts: tuple[Target, ...], run: Attempt
 ) -> web.StreamResponse:
-    """Try each target in turn until one answers; errors after the first byte end the stream."""
+    """Run `run` on each target in turn until one answers.
+
+    A target at its `max_in_flight`, or one that could not be reached before any byte went
+    to the client, passes the request on to the next; a deadline that ran out does not.
+    """
     failure: ProxyError = BackendUnreachable("no backend could take the request")
     for target in attempts:
         backend = state.backends[target.backend]
@@ -38,22 +39,45 @@ async def forward(
             )
             state.metrics.upstream_errors.labels(backend.name, failure.type).inc()
             continue
-        payload = body
-        if body is not None and target.upstream_model is not None:
-            payload = replace_model(body, target.upstream_model)
         ex.backend = backend.name
+        gauge = state.metrics.child(state.metrics.in_flight, backend.name)
+        backend.in_flight += 1
+        gauge.inc()
         try:
-            return await _exchange(request, state, ex, backend, path, payload, deadline)
+            return await run(backend, target)
         except BackendUnreachable as err:
             state.metrics.upstream_errors.labels(backend.name, err.type).inc()
             failure = err
         except BackendTimeout as err:
             state.metrics.upstream_errors.labels(backend.name, err.type).inc()
             raise
+        finally:
+            backend.in_flight -= 1
+            gauge.dec()
     raise failure
 
 
-async def _exchange(
+async def forward(
+    request: web.Request,
+    state: GatewayState,
+    ex: Exchange,
+    attempts: tuple[Target, ...],
+    path: str,
+    body: bytes | None,
+    deadline: float,
+) -> web.StreamResponse:
+    """Forward the body as received (only `model` rewritten where a target says so)."""
+
+    async def run(backend: Backend, target: Target) -> web.StreamResponse:
+        payload = body
+        if body is not None and target.upstream_model is not None:
+            payload = replace_model(body, target.upstream_model)
+        return await exchange(request, state, ex, backend, path, payload, deadline)
+
+    return await try_targets(state, ex, attempts, run)
+
+
+async def exchange(
     request: web.Request,
     state: GatewayState,
     ex: Exchange,
@@ -68,9 +92,6 @@ async def _exchange(
     upstream: Response | None = None
     response: web.StreamResponse | None = None
     complete = False
-    backend.in_flight += 1
-    gauge = state.metrics.child(state.metrics.in_flight, backend.name)
-    gauge.inc()
     try:
         async with asyncio.timeout_at(deadline) as timer:
             upstream = await send(backend, request.method, target, headers, body)
@@ -79,13 +100,11 @@ async def _exchange(
                 upstream, response, ex, timer, deadline, state.config.timeouts.idle_s
             )
     except TimeoutError:
-        err = BackendTimeout(
-            f"backend '{backend.name}' did not answer within the request's deadline"
-            if response is None
-            else f"backend '{backend.name}' stream stalled or ran past the request's deadline"
-        )
         if response is None:
-            raise err from None
+            raise timed_out(backend) from None
+        err = BackendTimeout(
+            f"backend '{backend.name}' stream stalled or ran past the request's deadline"
+        )
         state.metrics.upstream_errors.labels(backend.name, err.type).inc()
         await relay.end_with_error(request, response, err, ex)
     except BackendUnreachable as err:
@@ -94,11 +113,14 @@ async def _exchange(
         state.metrics.upstream_errors.labels(backend.name, err.type).inc()
         await relay.end_with_error(request, response, err, ex)
     finally:
-        backend.in_flight -= 1
-        gauge.dec()
         if upstream is not None:
             if complete:
                 upstream.release()
             else:
                 upstream.close()  # the backend sees its connection close and stops generating
     return response
+
+
+def timed_out(backend: Backend) -> BackendTimeout:
+    """The error for a deadline that passed before the backend answered."""
+    return BackendTimeout(f"backend '{backend.name}' did not answer within the request's deadline")

@@ -1,60 +1,74 @@
-"""Thin handlers: each reads as the request chain and leaves the work to the phases."""
+"""Thin handlers for the OpenAI routes and the operational ones."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
-import aiohttp
-import orjson
 from aiohttp import web
 
+from proxy.adapters import ChatTemplateAdapter, ResponsesAdapter
+from proxy.chain import begin, json_response
 from proxy.errors import NotFound
-from proxy.exchange import ClientGone
-from proxy.forward import forward
 from proxy.health import discover_models, unready_models
 from proxy.metrics import CONTENT_TYPE
-from proxy.middleware import EXCHANGE
-from proxy.routing import UNKNOWN_MODEL, plan
+from proxy.serve import serve_model
 from proxy.state import STATE, GatewayState
-from proxy.timeouts import TIMEOUT_HEADER, request_budget
-from proxy.view import peek
+from proxy.view import decode_object, peek
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Base paths under which the OpenAI routes are served (MLflow and Databricks clients use them).
-OPENAI_PREFIXES = ("", "/gateway/mlflow", "/mlflow", "/gateway/openai", "/openai")
-OPENAI_POST_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+)
+OPENAI_POST_ROUTES = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
 
 
-async def read_body(request: web.Request) -> bytes:
-    """The whole request body (capped by server.max_body_mb); a vanished client ends here."""
-    try:
-        body = await request.read()
-    except (ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError) as exc:
-        raise ClientGone from exc
-    request[EXCHANGE].bytes_in = len(body)
-    return body
+async def serve_openai(
+    request: web.Request,
+    path: str,
+    model: str,
+    body: bytes,
+    deadline: float,
+    *,
+    chat_template: bool = False,
+    force_model: bool = False,
+) -> web.StreamResponse:
+    """An OpenAI-shaped request for `model` at `path`: forwarded as is where the backend
+    serves the route, translated where it does not (Responses; a `chat_template`)."""
+    if path == EMBEDDINGS:
+        return await serve_model(
+            request, model, body, deadline,
+            native_path=path, native_api="embeddings", force_model=force_model,
+        )  # fmt: skip
+    if path == RESPONSES:
+        return await serve_model(
+            request, model, body, deadline,
+            native_path=path, native_api="responses", force_model=force_model,
+            adapter=lambda: ResponsesAdapter(decode_object(body), model),
+        )  # fmt: skip
+    if path == CHAT and chat_template:
+        return await serve_model(
+            request, model, body, deadline,
+            native_path=path, native_api="chat_template", force_model=force_model,
+            adapter=lambda: ChatTemplateAdapter(decode_object(body)),
+        )  # fmt: skip
+    return await serve_model(
+        request, model, body, deadline, native_path=path, force_model=force_model
+    )
 
 
-def deadline_of(request: web.Request, state: GatewayState) -> float:
-    """The event-loop time by which the whole request must be done."""
-    budget = request_budget(request.headers.get(TIMEOUT_HEADER), state.config.timeouts)
-    return asyncio.get_running_loop().time() + budget
-
-
-def openai_route(upstream_path: str) -> Handler:
-    """A handler forwarding an OpenAI-style POST body, byte for byte, to `upstream_path`."""
+def openai_route(path: str) -> Handler:
+    """A handler for an OpenAI-style POST route, addressed by the body's `model`."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        state, ex = request.app[STATE], request[EXCHANGE]
-        ex.model_label = UNKNOWN_MODEL  # until routing names a configured one
-        deadline = deadline_of(request, state)
-        body = await read_body(request)
+        body, deadline = await begin(request)
         view = peek(body)
-        route = plan(state.config, view.model, state.rng, state.known_models)
-        ex.model_label = route.model_label
-        return await forward(request, state, ex, route.attempts, upstream_path, body, deadline)
+        return await serve_openai(
+            request, path, view.model, body, deadline, chat_template=view.chat_template
+        )
 
     return handle
 
@@ -62,20 +76,21 @@ def openai_route(upstream_path: str) -> Handler:
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the configured models, or the backends' own lists merged."""
     state = request.app[STATE]
-    return _json({"object": "list", "data": await _model_cards(state)})
+    return json_response({"object": "list", "data": await model_cards(state)})
 
 
 async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{id}: one model card, or a 404 envelope."""
     state = request.app[STATE]
     wanted = request.match_info["model"]
-    for card in await _model_cards(state):
+    for card in await model_cards(state):
         if card.get("id") == wanted:
-            return _json(card)
+            return json_response(card)
     raise NotFound(f"model '{wanted[:200]}' does not exist; GET /v1/models lists the models")
 
 
-async def _model_cards(state: GatewayState) -> list[dict[str, object]]:
+async def model_cards(state: GatewayState) -> list[dict[str, object]]:
+    """The model cards clients see: configured names, or the backends' own cards."""
     if state.config.models:
         created = state.started_at
         return [
@@ -87,7 +102,7 @@ async def _model_cards(state: GatewayState) -> list[dict[str, object]]:
 
 async def health(request: web.Request) -> web.Response:
     """Liveness: the process serves."""
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def ready(request: web.Request) -> web.Response:
@@ -95,27 +110,11 @@ async def ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
     missing = unready_models(state.config, state.healthy)
     if missing:
-        return _json({"status": "unavailable", "unready": missing}, status=503)
-    return _json({"status": "ready"})
+        return json_response({"status": "unavailable", "unready": missing}, status=503)
+    return json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition."""
     body = request.app[STATE].metrics.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
-
-
-def _json(value: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(value), status=status, content_type="application/json")
-
-
-def add_routes(app: web.Application) -> None:
-    """Every route of the gateway."""
-    for prefix in OPENAI_PREFIXES:
-        for path in OPENAI_POST_ROUTES:
-            app.router.add_post(prefix + path, openai_route(path))
-        app.router.add_get(prefix + "/v1/models", list_models)
-        app.router.add_get(prefix + "/v1/models/{model:.+}", get_model)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)

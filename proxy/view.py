@@ -14,10 +14,11 @@ from proxy.errors import InvalidRequest
 
 
 class _Fields(msgspec.Struct, frozen=True):
-    """The two fields as sent, any JSON type; every other field is left unread."""
+    """The fields routing reads, as sent, any JSON type; every other field is left unread."""
 
     model: object = msgspec.UNSET
     stream: object = False
+    chat_template: object = msgspec.UNSET
 
 
 class RequestView(msgspec.Struct, frozen=True):
@@ -25,9 +26,30 @@ class RequestView(msgspec.Struct, frozen=True):
 
     model: str
     stream: bool
+    chat_template: bool = False  # the body carries a `chat_template` to render
+
+
+class _InvocationFields(msgspec.Struct, frozen=True):
+    """Which kind of request an MLflow/OICM body is, told by its keys (values left raw)."""
+
+    messages: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    prompt: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    input: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    inputs: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    stream: object = False
+    chat_template: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+class Invocation(msgspec.Struct, frozen=True):
+    """An endpoint-addressed body: its kind, by the keys it has, and whether it streams."""
+
+    kind: str  # "chat", "completions", "embeddings" or "tgi" (TGI-style {"inputs": ...})
+    stream: bool
+    chat_template: bool = False
 
 
 _DECODER = msgspec.json.Decoder(_Fields)
+_INVOCATION = msgspec.json.Decoder(_InvocationFields)
 _ANY = msgspec.json.Decoder()
 
 
@@ -47,11 +69,48 @@ def peek(body: bytes) -> RequestView:
         raise InvalidRequest("'model' is required")
     if not isinstance(view.model, str) or not view.model:
         raise InvalidRequest("'model' must be a non-empty string")
-    if view.stream is None:  # OpenAI's schema allows null, meaning false
-        return RequestView(model=view.model, stream=False)
-    if not isinstance(view.stream, bool):
+    return RequestView(
+        model=view.model,
+        stream=_stream_flag(view.stream),
+        chat_template=view.chat_template is not msgspec.UNSET,
+    )
+
+
+def _stream_flag(value: object) -> bool:
+    if value is None:  # OpenAI's schema allows null, meaning false
+        return False
+    if not isinstance(value, bool):
         raise InvalidRequest("'stream' must be true or false")
-    return RequestView(model=view.model, stream=view.stream)
+    return value
+
+
+def peek_invocation(body: bytes) -> Invocation:
+    """Tell chat (`messages`), completions (`prompt`), embeddings (`input`) and TGI-style
+    (`inputs`) bodies apart, or raise `InvalidRequest`."""
+    if not body.strip():
+        raise InvalidRequest("request body is empty: send a JSON object")
+    try:
+        fields = _INVOCATION.decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"request body must be a JSON object ({_lower(exc)})") from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON ({_lower(exc)})") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("request body is not valid UTF-8") from exc
+    stream = _stream_flag(fields.stream)
+    template = fields.chat_template is not msgspec.UNSET
+    if fields.messages is not msgspec.UNSET:
+        return Invocation("chat", stream, template)
+    if fields.prompt is not msgspec.UNSET:
+        return Invocation("completions", stream)
+    if fields.input is not msgspec.UNSET:
+        return Invocation("embeddings", stream)
+    if fields.inputs is not msgspec.UNSET:
+        return Invocation("tgi", stream)
+    raise InvalidRequest(
+        "cannot tell the request's kind: send 'messages' (chat), 'prompt' (completions) "
+        "or 'input' (embeddings)"
+    )
 
 
 def decode_object(body: bytes) -> dict[str, object]:
@@ -112,3 +171,18 @@ def replace_model(body: bytes, model: str) -> bytes:
         raise InvalidRequest("'model' is required")
     start, end = span
     return body[:start] + msgspec.json.encode(model) + body[end:]
+
+
+_OPEN_BRACE = re.compile(rb"\s*\{\s*(\}?)")
+
+
+def set_model(body: bytes, model: str) -> bytes:
+    """The body with `model` set: replaced where it is, else added first; nothing else moves."""
+    if model_span(body) is not None:
+        return replace_model(body, model)
+    m = _OPEN_BRACE.match(body)
+    if m is None:
+        raise InvalidRequest("request body must be a JSON object")
+    at = m.start(1)
+    separator = b"" if m.group(1) else b","
+    return body[:at] + b'"model":' + msgspec.json.encode(model) + separator + body[at:]

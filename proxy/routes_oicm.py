@@ -1,0 +1,50 @@
+"""OICM's per-endpoint base URL: `/models/{endpoint}/proxy/{path}`."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from proxy.chain import begin
+from proxy.forward import exchange, try_targets
+from proxy.handlers import CHAT, OPENAI_POST_ROUTES, list_models, serve_openai
+from proxy.middleware import EXCHANGE
+from proxy.routing import Target, plan
+from proxy.state import STATE
+from proxy.translate import oicm
+from proxy.upstream import Backend
+from proxy.view import decode_object, peek_invocation
+
+
+async def endpoint_proxy(request: web.Request) -> web.StreamResponse:
+    """OpenAI routes under the prefix are routed by endpoint (a TGI-style payload on the chat
+    route becomes a chat request); any other path goes to a target backend as is."""
+    endpoint = request.match_info["endpoint"]
+    path = "/" + request.match_info["path"]
+    if path == "/v1/models" and request.method in ("GET", "HEAD"):
+        return await list_models(request)
+    body, deadline = await begin(request)
+    if path in OPENAI_POST_ROUTES and request.method == "POST":
+        kind = peek_invocation(body)
+        if kind.kind == "tgi" and path == CHAT:
+            chat = oicm.tgi_to_chat_request(decode_object(body), upstream_model=endpoint)
+            body = orjson.dumps(chat)
+        return await serve_openai(
+            request, path, endpoint, body, deadline,
+            chat_template=kind.chat_template, force_model=True,
+        )  # fmt: skip
+    return await _as_is(request, endpoint, path, body or None, deadline)
+
+
+async def _as_is(
+    request: web.Request, endpoint: str, path: str, body: bytes | None, deadline: float
+) -> web.StreamResponse:
+    """Any other task path (rerank, embed, audio, ...): method, headers and body untouched."""
+    state, ex = request.app[STATE], request[EXCHANGE]
+    route = plan(state.config, endpoint, state.rng, state.known_models)
+    ex.model_label = route.model_label
+
+    async def run(backend: Backend, target: Target) -> web.StreamResponse:
+        return await exchange(request, state, ex, backend, path, body, deadline)
+
+    return await try_targets(state, ex, route.attempts, run)

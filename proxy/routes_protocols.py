@@ -1,0 +1,68 @@
+"""The Anthropic Messages and Gemini generateContent routes."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.adapters import AnthropicAdapter, GeminiAdapter
+from proxy.chain import begin
+from proxy.errors import InvalidRequest, NotFound
+from proxy.serve import NEVER, serve_model
+from proxy.state import STATE, GatewayState
+from proxy.view import decode_object, peek
+
+GEMINI_VERSIONS = ("v1", "v1beta")
+_GEMINI_METHODS = {"generateContent": False, "streamGenerateContent": True}
+
+
+def _vision(state: GatewayState, model: str) -> bool:
+    entry = state.config.models.get(model)
+    return entry is not None and entry.vision
+
+
+async def anthropic_messages(request: web.Request) -> web.StreamResponse:
+    """POST .../v1/messages: as is to backends that serve it, translated for the others."""
+    body, deadline = await begin(request)
+    view = peek(body)
+    vision = _vision(request.app[STATE], view.model)
+    return await serve_model(
+        request,
+        view.model,
+        body,
+        deadline,
+        native_path="/v1/messages",
+        native_api="messages",
+        adapter=lambda: AnthropicAdapter(decode_object(body), view.model, vision),
+    )
+
+
+def gemini_target(version: str, target: str) -> tuple[str, bool]:
+    """The endpoint and whether it streams, from `models/{endpoint}:{method}`."""
+    if version not in GEMINI_VERSIONS:
+        raise NotFound(f"API version '{version[:40]}' is not served; use v1 or v1beta")
+    endpoint, _, method = target.rpartition(":")
+    if not endpoint or method not in _GEMINI_METHODS:
+        raise NotFound(
+            f"'{target[:200]}' is not served: use models/{{model}}:generateContent "
+            "or :streamGenerateContent"
+        )
+    return endpoint, _GEMINI_METHODS[method]
+
+
+async def gemini_generate(request: web.Request) -> web.StreamResponse:
+    """POST .../models/{model}:generateContent and :streamGenerateContent, translated."""
+    model, stream = gemini_target(request.match_info["version"], request.match_info["target"])
+    body, deadline = await begin(request)
+    if stream and request.query.get("alt", "sse") != "sse":
+        raise InvalidRequest("streamGenerateContent is served as server-sent events: add ?alt=sse")
+    content = decode_object(body)
+    vision = _vision(request.app[STATE], model)
+    return await serve_model(
+        request,
+        model,
+        body,
+        deadline,
+        native_path="/v1/chat/completions",
+        native_api=NEVER,
+        adapter=lambda: GeminiAdapter(content, model, stream, vision),
+    )

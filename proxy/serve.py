@@ -1,0 +1,64 @@
+"""Serving one model request: route, then for each target forward as is or translate."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import orjson
+from aiohttp import web
+
+from proxy.config import OptionalApi, serves
+from proxy.errors import Unsupported
+from proxy.forward import exchange, try_targets
+from proxy.middleware import EXCHANGE
+from proxy.routing import Target, plan
+from proxy.state import STATE
+from proxy.translated import Adapter, exchange_translated
+from proxy.upstream import Backend
+from proxy.view import set_model
+
+NEVER: Literal["never"] = "never"  # no backend serves the route natively: always translate
+
+
+async def serve_model(
+    request: web.Request,
+    model: str,
+    body: bytes,
+    deadline: float,
+    *,
+    native_path: str,
+    native_api: OptionalApi | Literal["never"] | None = None,
+    adapter: Callable[[], Adapter] | None = None,
+    force_model: bool = False,
+) -> web.StreamResponse:
+    """Route `model`, then serve it from the first target that answers.
+
+    A target whose backend serves `native_api` (None: every backend does) gets `body` as
+    is at `native_path`, with `model` set to the target's upstream id where it differs (or
+    always, with `force_model`, for bodies addressed by endpoint rather than by model). The
+    others get the `adapter`'s translation, or a 501 when there is none.
+    """
+    state, ex = request.app[STATE], request[EXCHANGE]
+    route = plan(state.config, model, state.rng, state.known_models)
+    ex.model_label = route.model_label
+    translation: Adapter | None = None
+
+    async def run(backend: Backend, target: Target) -> web.StreamResponse:
+        nonlocal translation
+        native = native_api is None or (native_api != NEVER and serves(backend.config, native_api))
+        if native:
+            upstream_model = target.upstream_model or (model if force_model else None)
+            payload = body if upstream_model is None else set_model(body, upstream_model)
+            return await exchange(request, state, ex, backend, native_path, payload, deadline)
+        if adapter is None:
+            raise Unsupported(
+                f"backend '{backend.name}' (kind {backend.config.kind}) does not serve "
+                f"{native_path}; list it in the backend's 'serves' if it does"
+            )
+        if translation is None:
+            translation = adapter()
+        chat = orjson.dumps(translation.chat_request(target.upstream_model or model))
+        return await exchange_translated(request, state, ex, backend, translation, chat, deadline)
+
+    return await try_targets(state, ex, route.attempts, run)

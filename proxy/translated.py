@@ -1,0 +1,262 @@
+"""The translated path: a foreign protocol's request served by a chat-completions backend.
+
+An `Adapter` (one per protocol, built from the pure translators in `proxy.translate`) turns
+the client's request into a chat request for each target, and the backend's answer back:
+whole for plain requests, event by event for streams. The byte-for-byte path never comes here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+import orjson
+from aiohttp import web
+
+from proxy.errors import (
+    BackendTimeout,
+    BackendUnreachable,
+    Dialect,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ProxyError,
+    RateLimitExceeded,
+    Unsupported,
+)
+from proxy.exchange import Exchange
+from proxy.forward import timed_out, try_targets
+from proxy.h1 import Response
+from proxy.headers import REQUEST_ID
+from proxy.routing import Target
+from proxy.state import GatewayState
+from proxy.translate.chat_stream import ChatStreamParser
+from proxy.upstream import Backend, send
+from proxy.usage import TAIL_BYTES, usage_in
+
+_MAX_ANSWER = 64 * 1024 * 1024
+_SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+class StreamTranslator(Protocol):
+    """Chat chunks in, the client protocol's event bytes out."""
+
+    def feed(self, chunk: dict[str, object]) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
+class Adapter(Protocol):
+    """How one client protocol maps onto chat completions for one request."""
+
+    dialect: Dialect
+    stream: bool
+    upstream_path: str  # "/v1/chat/completions" (or "/v1/completions")
+
+    def chat_request(self, upstream_model: str) -> dict[str, object]: ...
+
+    def answer(self, chat: object) -> dict[str, object]: ...
+
+    def stream_translator(self) -> StreamTranslator: ...
+
+    def stream_failed(self, err: ProxyError) -> bytes: ...
+
+
+async def forward_translated(
+    request: web.Request,
+    state: GatewayState,
+    ex: Exchange,
+    attempts: tuple[Target, ...],
+    adapter: Adapter,
+    requested_model: str,
+    deadline: float,
+) -> web.StreamResponse:
+    """Send the translated request to each target in turn; translate what comes back."""
+
+    async def run(backend: Backend, target: Target) -> web.StreamResponse:
+        chat = adapter.chat_request(target.upstream_model or requested_model)
+        body = orjson.dumps(chat)
+        return await exchange_translated(request, state, ex, backend, adapter, body, deadline)
+
+    return await try_targets(state, ex, attempts, run)
+
+
+async def exchange_translated(
+    request: web.Request,
+    state: GatewayState,
+    ex: Exchange,
+    backend: Backend,
+    adapter: Adapter,
+    body: bytes,
+    deadline: float,
+) -> web.StreamResponse:
+    """One backend, one try, with the translated `body`; closed upstream on every way out."""
+    headers = (
+        b"Content-Type: application/json\r\nAccept: */*\r\n"
+        + b"X-Request-ID: "
+        + ex.request_id.encode("latin-1")
+        + b"\r\n"
+    )
+    target = backend.target(adapter.upstream_path)
+    upstream: Response | None = None
+    response: web.StreamResponse | None = None
+    complete = False
+    try:
+        async with asyncio.timeout_at(deadline) as timer:
+            upstream = await send(backend, "POST", target, headers, body)
+            if not 200 <= upstream.status < 300:
+                raise backend_error(upstream.status, await upstream.read(1024 * 1024))
+            if not adapter.stream:
+                response = await _answer(upstream, adapter, ex)
+                complete = True
+            else:
+                response = web.StreamResponse(headers={**_SSE_HEADERS, REQUEST_ID: ex.request_id})
+                ex.status, ex.sse = 200, True
+                await response.prepare(request)
+                complete = await _pump(
+                    upstream, response, adapter, ex, timer, deadline, state.config.timeouts.idle_s
+                )
+    except TimeoutError:
+        if response is None:
+            raise timed_out(backend) from None
+        err = BackendTimeout(f"backend '{backend.name}' stream stalled or ran past the deadline")
+        state.metrics.upstream_errors.labels(backend.name, err.type).inc()
+        await _end_with_error(response, adapter, err, ex)
+    except BackendUnreachable as err:
+        if response is None:
+            raise
+        state.metrics.upstream_errors.labels(backend.name, err.type).inc()
+        await _end_with_error(response, adapter, err, ex)
+    finally:
+        if upstream is not None:
+            if complete:
+                upstream.release()
+            else:
+                upstream.close()
+    return response
+
+
+async def _answer(upstream: Response, adapter: Adapter, ex: Exchange) -> web.Response:
+    raw = await upstream.read(_MAX_ANSWER)
+    try:
+        chat = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BackendUnreachable("backend answered with something that is not JSON") from exc
+    ex.first_byte_at = time.perf_counter()
+    ex.usage = usage_in(raw[-TAIL_BYTES:])
+    body = orjson.dumps(adapter.answer(chat))
+    ex.status = 200
+    ex.bytes_out = len(body)
+    return web.Response(
+        body=body, content_type="application/json", headers={REQUEST_ID: ex.request_id}
+    )
+
+
+async def _pump(
+    upstream: Response,
+    response: web.StreamResponse,
+    adapter: Adapter,
+    ex: Exchange,
+    timer: asyncio.Timeout,
+    deadline: float,
+    idle_s: float,
+) -> bool:
+    """Parse the chat stream and write the translated events; False if the client left."""
+    loop = asyncio.get_running_loop()
+    parser = ChatStreamParser()
+    translator = adapter.stream_translator()
+    timer.reschedule(min(deadline, loop.time() + idle_s))
+    before_last = last = b""
+    done = False
+    try:
+        while not done:
+            chunk = await upstream.read_chunk()
+            events = parser.feed(chunk) if chunk else parser.flush()
+            if ex.first_byte_at is None:
+                ex.first_byte_at = time.perf_counter()
+            before_last, last = last, chunk or last
+            out = []
+            for event in events:
+                if event is None:
+                    done = True
+                    break
+                out.append(translator.feed(event))
+            if not chunk or done:
+                out.append(translator.finish())
+                done = True
+            data = b"".join(out)
+            if data:
+                ex.events += 1
+                ex.bytes_out += len(data)
+                try:
+                    await response.write(data)
+                except ConnectionError:
+                    ex.client_gone = True
+                    return False
+            timer.reschedule(min(deadline, loop.time() + idle_s))
+    finally:
+        ex.usage = usage_in(before_last[-TAIL_BYTES:] + last[-TAIL_BYTES:])
+    try:
+        await response.write_eof()
+    except ConnectionError:
+        ex.client_gone = True
+        return False
+    return True
+
+
+async def _end_with_error(
+    response: web.StreamResponse, adapter: Adapter, err: ProxyError, ex: Exchange
+) -> None:
+    ex.error_type = err.type
+    try:
+        await response.write(adapter.stream_failed(err))
+        await response.write_eof()
+    except ConnectionError:
+        ex.client_gone = True
+
+
+def backend_error(status: int, body: bytes) -> ProxyError:
+    """A backend's error answer as the gateway's error of the nearest type.
+
+    A translated route speaks its own protocol, so the backend's body (in whatever shape its
+    server uses) cannot pass through as is; its message does.
+    """
+    message = f"backend answered {status}: {_message_of(body)}"
+    kinds: dict[int, type[ProxyError]] = {
+        400: InvalidRequest,
+        404: NotFound,
+        413: PayloadTooLarge,
+        422: InvalidRequest,
+        429: RateLimitExceeded,
+        501: Unsupported,
+        503: Overloaded,
+        504: BackendTimeout,
+    }
+    if status in (401, 403):
+        return BackendUnreachable(f"backend refused the gateway's credentials ({message})")
+    kind = kinds.get(status, InvalidRequest if 400 <= status < 500 else BackendUnreachable)
+    return kind(message, retry_after=1 if status in (429, 503) else None)
+
+
+def _message_of(body: bytes) -> str:
+    """The human message of an error body in any backend's shape, else its text."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:500].decode("utf-8", "replace")
+    if isinstance(value, dict):
+        error = value.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])[:500]
+        if isinstance(error, str):
+            return error[:500]
+        for key in ("message", "detail"):
+            if isinstance(value.get(key), str):
+                return str(value[key])[:500]
+    return body[:500].decode("utf-8", "replace")
