@@ -95,10 +95,11 @@ async def exchange(
     try:
         async with asyncio.timeout_at(deadline) as timer:
             upstream = await send(backend, request.method, target, headers, body)
-            response = await relay.start(request, upstream, ex)
-            complete = await relay.pump(
-                upstream, response, ex, timer, deadline, state.config.timeouts.idle_s
-            )
+            response, complete = await relay.start(request, upstream, ex)
+            if not complete:
+                complete = await relay.pump(
+                    upstream, response, ex, timer, deadline, state.config.timeouts.idle_s
+                )
     except TimeoutError:
         if response is None:
             raise timed_out(backend) from None

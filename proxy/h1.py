@@ -75,6 +75,15 @@ class Response:
         self._buffered = 0
         return data
 
+    def whole_body(self) -> bytes | None:
+        """The entire body if it has already arrived in full, else None (nothing consumed)."""
+        if not self._done or self._error is not None:
+            return None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        return data
+
     async def read(self, limit: int = 16 * 1024 * 1024) -> bytes:
         """The whole body (for small control responses such as health checks)."""
         parts = []

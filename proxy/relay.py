@@ -17,17 +17,29 @@ from proxy.usage import TAIL_BYTES, count_events, usage_in
 _REARM_EVERY = 0.5
 
 
-async def start(request: web.Request, upstream: Response, ex: Exchange) -> web.StreamResponse:
-    """Send the backend's status and headers (minus hop-by-hop ones) to the client."""
+async def start(
+    request: web.Request, upstream: Response, ex: Exchange
+) -> tuple[web.StreamResponse, bool]:
+    """Send the backend's status and headers (minus hop-by-hop ones) to the client.
+
+    A plain body that arrived whole with its head goes out with it, in one write: the
+    second result is True when the response is complete already.
+    """
     headers = downstream_headers(upstream.headers, request_id=ex.request_id)
+    ex.status = upstream.status
+    ex.sse = is_event_stream(headers.get("Content-Type", ""))
+    whole = None if ex.sse else upstream.whole_body()
+    if whole is not None:
+        ex.first_byte_at = time.perf_counter()
+        ex.bytes_out += len(whole)
+        ex.usage = usage_in(whole[-TAIL_BYTES:])
+        return web.Response(status=upstream.status, headers=headers, body=whole), True
     response = web.StreamResponse(status=upstream.status, headers=headers)
     length = upstream.header(b"content-length")
     if length is not None and length.isdigit():
         response.content_length = int(length)
-    ex.status = upstream.status
-    ex.sse = is_event_stream(headers.get("Content-Type", ""))
     await response.prepare(request)
-    return response
+    return response, False
 
 
 async def pump(
