@@ -75,6 +75,10 @@ class Response:
         self._buffered = 0
         return data
 
+    def has_body_bytes(self) -> bool:
+        """Whether body bytes are waiting to be read."""
+        return bool(self._chunks)
+
     def whole_body(self) -> bytes | None:
         """The entire body if it has already arrived in full, else None (nothing consumed)."""
         if not self._done or self._error is not None:

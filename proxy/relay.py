@@ -39,6 +39,10 @@ async def start(
     if length is not None and length.isdigit():
         response.content_length = int(length)
     await response.prepare(request)
+    if not upstream.has_body_bytes():
+        # aiohttp holds the head back until the first body write; send it now, as the
+        # backend did, so a client waiting for the first token already has status and headers.
+        await response.write(b"")
     return response, False
 
 

@@ -47,6 +47,20 @@ async def test_stream_bytes_unchanged(gateway, upstream) -> None:
     assert 3 + 1 + 1 + 1 == len(events)  # tokens, finish, usage, [DONE]
 
 
+async def test_headers_reach_client_before_the_first_token(gateway, upstream) -> None:
+    """Status and headers are relayed when the backend sends them, not with the first token."""
+    upstream.script["/v1/chat/completions"] = stream_script(tokens=2, first_delay=1.0)
+    async with aiohttp.ClientSession() as s:
+        start = time.monotonic()
+        async with s.post(gateway.url + "/v1/chat/completions", data=CHAT) as r:
+            headers_after = time.monotonic() - start
+            assert 200 == r.status
+            await r.read()
+            body_after = time.monotonic() - start
+    assert headers_after < 0.5
+    assert body_after >= 1.0
+
+
 def raw_request(port: int, body: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
     head = (
