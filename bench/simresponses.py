@@ -8,6 +8,7 @@ keeps the cost of one event to a couple of byte concatenations.
 from __future__ import annotations
 
 import base64
+import functools
 import struct
 import time
 import zlib
@@ -63,7 +64,9 @@ def http_chunk(payload: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(payload), payload)
 
 
+@functools.lru_cache(maxsize=256)
 def token_text(count: int) -> str:
+    """The text of a `count`-token completion (cached: benchmarks ask for a few sizes)."""
     return "".join(WORDS[i % len(WORDS)] for i in range(count))
 
 

@@ -7,7 +7,7 @@ import uuid
 
 import orjson
 
-from proxy.errors import Dialect, ProxyError, sse_error
+from proxy.errors import Dialect, InvalidRequest, ProxyError, sse_error
 from proxy.translate import anthropic, gemini, oicm, responses
 from proxy.translated import StreamTranslator
 
@@ -81,15 +81,22 @@ class ResponsesAdapter:
     dialect: Dialect = "openai"
     upstream_path = CHAT
 
-    def __init__(self, body: dict[str, object], model: str) -> None:
+    def __init__(self, body: dict[str, object], model: str, vision: bool) -> None:
         self.body = body
         self.model = model
+        self.vision = vision
         self.stream = body.get("stream") is True
         self.response_id = "resp_" + uuid.uuid4().hex
         self.created_at = int(time.time())
         self._stream: responses.ResponsesStream | None = None
 
     def chat_request(self, upstream_model: str) -> dict[str, object]:
+        if not self.vision:
+            where = _input_image(self.body.get("input"))
+            if where is not None:
+                raise InvalidRequest(
+                    f"{where}: image input needs a model with vision; this has none"
+                )
         return responses.to_chat_request(self.body, upstream_model=upstream_model)
 
     def answer(self, chat: object) -> dict[str, object]:
@@ -115,6 +122,19 @@ class ResponsesAdapter:
         if self._stream is None:
             return sse_error(err)
         return self._stream.failed(err.message)
+
+
+def _input_image(items: object) -> str | None:
+    """The path of the first `input_image` part of a Responses `input`, if any."""
+    if not isinstance(items, list):
+        return None
+    for i, item in enumerate(items):
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if isinstance(part, dict) and part.get("type") == "input_image":
+                    return f"input[{i}].content[{j}]"
+    return None
 
 
 class _CompletionAsChatStream:

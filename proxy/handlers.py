@@ -47,7 +47,7 @@ async def serve_openai(
         return await serve_model(
             request, model, body, deadline,
             native_path=path, native_api="responses", force_model=force_model,
-            adapter=lambda: ResponsesAdapter(decode_object(body), model),
+            adapter=lambda: ResponsesAdapter(decode_object(body), model, vision_of(request, model)),
         )  # fmt: skip
     if path == CHAT and chat_template:
         return await serve_model(
@@ -58,6 +58,12 @@ async def serve_openai(
     return await serve_model(
         request, model, body, deadline, native_path=path, force_model=force_model
     )
+
+
+def vision_of(request: web.Request, model: str) -> bool:
+    """Whether the configured model takes images (translated routes refuse them otherwise)."""
+    entry = request.app[STATE].config.models.get(model)
+    return entry is not None and entry.vision
 
 
 def openai_route(path: str) -> Handler:

@@ -20,9 +20,7 @@ def add_routes(app: web.Application) -> None:
     for prefix in ("/anthropic", "/gateway/anthropic"):
         router.add_post(prefix + "/v1/messages", routes_protocols.anthropic_messages)
     for prefix in ("/gemini", "/gateway/gemini"):
-        router.add_post(
-            prefix + "/{version}/models/{target:[^/]+}", routes_protocols.gemini_generate
-        )
+        router.add_post(prefix + "/{version}/models/{target:.+}", routes_protocols.gemini_generate)
     router.add_get("/api/2.0/endpoints/", routes_mlflow.list_endpoints)
     router.add_get("/api/2.0/endpoints/{endpoint}", routes_mlflow.get_endpoint)
     for pattern in (

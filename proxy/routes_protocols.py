@@ -7,24 +7,19 @@ from aiohttp import web
 from proxy.adapters import AnthropicAdapter, GeminiAdapter
 from proxy.chain import begin
 from proxy.errors import InvalidRequest, NotFound
+from proxy.handlers import vision_of
 from proxy.serve import NEVER, serve_model
-from proxy.state import STATE, GatewayState
 from proxy.view import decode_object, peek
 
 GEMINI_VERSIONS = ("v1", "v1beta")
 _GEMINI_METHODS = {"generateContent": False, "streamGenerateContent": True}
 
 
-def _vision(state: GatewayState, model: str) -> bool:
-    entry = state.config.models.get(model)
-    return entry is not None and entry.vision
-
-
 async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     """POST .../v1/messages: as is to backends that serve it, translated for the others."""
     body, deadline = await begin(request)
     view = peek(body)
-    vision = _vision(request.app[STATE], view.model)
+    vision = vision_of(request, view.model)
     return await serve_model(
         request,
         view.model,
@@ -56,7 +51,7 @@ async def gemini_generate(request: web.Request) -> web.StreamResponse:
     if stream and request.query.get("alt", "sse") != "sse":
         raise InvalidRequest("streamGenerateContent is served as server-sent events: add ?alt=sse")
     content = decode_object(body)
-    vision = _vision(request.app[STATE], model)
+    vision = vision_of(request, model)
     return await serve_model(
         request,
         model,

@@ -6,8 +6,9 @@ import re
 
 import msgspec
 
-_PROMPT = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+# OpenAI's names, and the Anthropic Messages and Responses APIs' names.
+_PROMPT = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
+_COMPLETION = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
 _USAGE = b'"usage"'
 # How much of a body's end is kept to find the usage object in (it comes last).
 TAIL_BYTES = 8192
@@ -43,9 +44,9 @@ def usage_in(tail: bytes) -> Usage | None:
         return None
     prompt = _PROMPT.search(tail, at)
     completion = _COMPLETION.search(tail, at)
-    if prompt is None:
+    if prompt is None and completion is None:
         return None
     return Usage(
-        prompt=int(prompt.group(1)),
+        prompt=int(prompt.group(1)) if prompt is not None else 0,
         completion=int(completion.group(1)) if completion is not None else 0,
     )

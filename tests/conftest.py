@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from proxy.config import Config, load_config
 from proxy.state import STATE, GatewayState
 from tests.fakes import FakeUpstream
 
-# pytest_plugins = ["tests.real_backend.fixtures"]
+pytest_plugins = ["tests.real_backend.fixtures"]
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
@@ -89,6 +90,20 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Coroutine[Any, Any, G
     yield make
     for runner in runners:
         await runner.cleanup()
+
+
+MLFLOW_KEY = "sk-mlflow"
+
+
+@pytest.fixture
+def mlflow_env(monkeypatch):
+    """The client's key from MLFLOW_TRACKING_TOKEN (sent as Bearer), no retries, no other
+    MLflow or Databricks settings leaking in from the environment."""
+    for name in list(os.environ):
+        if name.startswith(("MLFLOW_", "DATABRICKS_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", MLFLOW_KEY)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
 def one_backend(url: str, *, models: str = "", extra: str = "") -> str:

@@ -189,3 +189,50 @@ def slow_json_script(delay: float, payload: object | None = None) -> Script:
         return web.json_response(payload if payload is not None else chat_body())
 
     return handle
+
+
+def sse_event(data: object, event: str | None = None) -> bytes:
+    """One server-sent event: `event:` (when named) and `data:` with `data` as compact JSON."""
+    head = b"event: " + event.encode() + b"\n" if event is not None else b""
+    return head + b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+def delta_event(delta: dict, finish: str | None = None, **choice: object) -> bytes:
+    """One `chat.completion.chunk` event with any delta (text, tool calls) and choice fields."""
+    payload = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **choice}],
+    }
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def sse_script(events: list[bytes], *, cut_after: int | None = None) -> Script:
+    """Answer with these SSE events, in order; with `cut_after`, die after that many."""
+
+    async def handle(request: web.Request, rec: Received) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i, event in enumerate(events):
+            if cut_after is not None and i == cut_after:
+                assert request.transport is not None
+                request.transport.abort()  # the backend dies mid-stream
+                return response
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    return handle
+
+
+def sequence_script(*scripts: Script) -> Script:
+    """Answer the first request with the first script, the next with the next (the last repeats)."""
+    queue = list(scripts)
+
+    async def handle(request: web.Request, rec: Received) -> web.StreamResponse:
+        script = queue.pop(0) if len(queue) > 1 else queue[0]
+        return await script(request, rec)
+
+    return handle

@@ -154,13 +154,11 @@ def test_missing_completion_tokens_counts_zero() -> None:
         b"",
         b'{"choices":[{"message":{"content":"no usage here"}}]}',
         b'data: {"choices":[],"usage":null}\n\ndata: [DONE]\n\n',
-        b'{"usage":{"input_tokens":3,"output_tokens":4}}',
-        b'{"usage":{"completion_tokens":4}}',
         b'{"choices":[{"message":{"content":"\\"prompt_tokens\\": 99"}}],"usage":null}',
     ],
 )
 def test_no_usage(tail: bytes) -> None:
-    """No usage object (or a null one, or one without prompt_tokens) gives None."""
+    """No usage object (or a null one) gives None."""
     assert usage_in(tail) is None
 
 
@@ -171,3 +169,18 @@ def test_usage_key_inside_content_is_escaped() -> None:
         b'"usage":{"prompt_tokens":4,"completion_tokens":6}}'
     )
     assert Usage(prompt=4, completion=6) == usage_in(tail)
+
+
+def test_usage_in_reads_anthropic_and_responses_names() -> None:
+    """input_tokens/output_tokens (Anthropic Messages, Responses API) count as prompt/completion."""
+    responses = (
+        b'"usage":{"input_tokens":11,"input_tokens_details":{"cached_tokens":0},"output_tokens":5}'
+    )
+    assert Usage(prompt=11, completion=5) == usage_in(responses)
+    delta = b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":3}}\n\n'
+    assert Usage(prompt=0, completion=3) == usage_in(delta)
+
+
+def test_usage_with_only_completion_tokens() -> None:
+    """A usage object with only completion tokens counts them, prompt as 0."""
+    assert Usage(prompt=0, completion=4) == usage_in(b'{"usage":{"completion_tokens":4}}')
