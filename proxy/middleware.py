@@ -6,7 +6,8 @@ import asyncio
 import logging
 import re
 import time
-import uuid
+import itertools
+import secrets
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -43,11 +44,16 @@ def dialect_of(path: str) -> Dialect:
     return "openai"
 
 
+# New request ids: a random prefix per process and a counter (unique, and cheaper than uuid4).
+_ID_PREFIX = secrets.token_hex(10)
+_ID_COUNTER = itertools.count(1)
+
+
 def request_id_of(value: str | None) -> str:
     """The client's X-Request-ID when it is a sane token, else a new one."""
     if value is not None and _SAFE_REQUEST_ID.fullmatch(value):
         return value
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
 def error_response(err: ProxyError, ex: Exchange) -> web.Response:

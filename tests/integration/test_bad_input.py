@@ -158,3 +158,13 @@ async def test_request_id_returned_on_errors(gateway) -> None:
         gateway.url + "/v1/chat/completions", b"[]", {"X-Request-ID": "abc-1"}
     )
     assert "abc-1" == headers["X-Request-ID"]
+
+
+async def test_embeddings_on_tgi_is_501(gateway_factory, upstream) -> None:
+    """TGI has no /v1/embeddings: the gateway answers 501 unsupported and sends nothing."""
+    text = f"backends:\n  gpu: {{url: '{upstream.url}', kind: tgi}}\n"
+    gw = await gateway_factory(text)
+    status, payload, _ = await call(gw.url + "/v1/embeddings", b'{"model": "m", "input": "x"}')
+    assert (501, "unsupported") == (status, payload["error"]["type"])
+    assert "does not serve /v1/embeddings" in payload["error"]["message"]
+    assert [] == upstream.posts
