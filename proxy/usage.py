@@ -27,7 +27,7 @@ def count_events(chunk: bytes, tail: bytes = b"") -> int:
     `tail` is the end of the previous chunk (its last two bytes are enough), so that a
     terminator split across two chunks is counted once, in the chunk that completes it.
     """
-    if tail:
+    if tail and chunk[:1] in (b"\n", b"\r"):  # only then can a terminator straddle the two
         joined = tail[-2:] + chunk
         return _terminators(joined) - _terminators(tail[-2:])
     return _terminators(chunk)
