@@ -89,37 +89,60 @@ async def exchange(
     """One backend, one try: send, relay; the upstream response is closed on every way out."""
     headers = upstream_headers(request.raw_headers, request_id=ex.request_id)
     target = backend.target(path, request.raw_path.partition("?")[2])
-    upstream: Response | None = None
-    response: web.StreamResponse | None = None
-    complete = False
+    attempt = UpstreamTry(state, backend)
     try:
         async with asyncio.timeout_at(deadline) as timer:
-            upstream = await send(backend, request.method, target, headers, body)
-            response, complete = await relay.start(request, upstream, ex)
-            if not complete:
-                complete = await relay.pump(
-                    upstream, response, ex, timer, deadline, state.config.timeouts.idle_s
+            attempt.upstream = upstream = await send(backend, request.method, target, headers, body)
+            attempt.response, attempt.complete = await relay.start(request, upstream, ex)
+            if not attempt.complete:
+                attempt.complete = await relay.pump(
+                    upstream, attempt.response, ex, timer, deadline, state.config.timeouts.idle_s
                 )
-    except TimeoutError:
-        if response is None:
-            raise timed_out(backend) from None
-        err = BackendTimeout(
-            f"backend '{backend.name}' stream stalled or ran past the request's deadline"
-        )
-        state.metrics.upstream_errors.labels(backend.name, err.type).inc()
-        await relay.end_with_error(request, response, err, ex)
-    except BackendUnreachable as err:
-        if response is None:
-            raise
-        state.metrics.upstream_errors.labels(backend.name, err.type).inc()
+    except (TimeoutError, BackendUnreachable) as exc:
+        response, err = attempt.broken(exc)
         await relay.end_with_error(request, response, err, ex)
     finally:
-        if upstream is not None:
-            if complete:
-                upstream.release()
+        attempt.settle()
+    assert attempt.response is not None
+    return attempt.response
+
+
+class UpstreamTry:
+    """One try on one backend: what it has sent back so far, and how it ends."""
+
+    def __init__(self, state: GatewayState, backend: Backend) -> None:
+        self.state = state
+        self.backend = backend
+        self.upstream: Response | None = None
+        self.response: web.StreamResponse | None = None
+        self.complete = False
+
+    def broken(self, exc: Exception) -> tuple[web.StreamResponse, ProxyError]:
+        """A failure during the try: raised as is while the client has nothing yet (so the
+        next target may serve it); else the error its stream must end with, counted."""
+        if self.response is None:
+            if isinstance(exc, TimeoutError):
+                raise timed_out(self.backend) from None
+            raise exc
+        err = (
+            BackendTimeout(
+                f"backend '{self.backend.name}' stream stalled or ran past the request's deadline"
+            )
+            if isinstance(exc, TimeoutError)
+            else exc
+        )
+        assert isinstance(err, ProxyError)
+        self.state.metrics.upstream_errors.labels(self.backend.name, err.type).inc()
+        return self.response, err
+
+    def settle(self) -> None:
+        """Give a finished upstream connection back to the pool; close any other one, so the
+        backend sees its connection close and stops generating."""
+        if self.upstream is not None:
+            if self.complete:
+                self.upstream.release()
             else:
-                upstream.close()  # the backend sees its connection close and stops generating
-    return response
+                self.upstream.close()
 
 
 def timed_out(backend: Backend) -> BackendTimeout:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
-import time
-import itertools
 import secrets
+import time
 
 from aiohttp import web
 from aiohttp.typedefs import Handler

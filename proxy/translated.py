@@ -27,7 +27,7 @@ from proxy.errors import (
     Unsupported,
 )
 from proxy.exchange import Exchange
-from proxy.forward import timed_out, try_targets
+from proxy.forward import UpstreamTry, try_targets
 from proxy.h1 import Response
 from proxy.headers import REQUEST_ID
 from proxy.routing import Target
@@ -104,42 +104,31 @@ async def exchange_translated(
         + b"\r\n"
     )
     target = backend.target(adapter.upstream_path)
-    upstream: Response | None = None
-    response: web.StreamResponse | None = None
-    complete = False
+    attempt = UpstreamTry(state, backend)
     try:
         async with asyncio.timeout_at(deadline) as timer:
-            upstream = await send(backend, "POST", target, headers, body)
+            attempt.upstream = upstream = await send(backend, "POST", target, headers, body)
             if not 200 <= upstream.status < 300:
                 raise backend_error(upstream.status, await upstream.read(1024 * 1024))
             if not adapter.stream:
-                response = await _answer(upstream, adapter, ex)
-                complete = True
+                attempt.response = await _answer(upstream, adapter, ex)
+                attempt.complete = True
             else:
-                response = web.StreamResponse(headers={**_SSE_HEADERS, REQUEST_ID: ex.request_id})
+                attempt.response = response = web.StreamResponse(
+                    headers={**_SSE_HEADERS, REQUEST_ID: ex.request_id}
+                )
                 ex.status, ex.sse = 200, True
                 await response.prepare(request)
-                complete = await _pump(
+                attempt.complete = await _pump(
                     upstream, response, adapter, ex, timer, deadline, state.config.timeouts.idle_s
                 )
-    except TimeoutError:
-        if response is None:
-            raise timed_out(backend) from None
-        err = BackendTimeout(f"backend '{backend.name}' stream stalled or ran past the deadline")
-        state.metrics.upstream_errors.labels(backend.name, err.type).inc()
-        await _end_with_error(response, adapter, err, ex)
-    except BackendUnreachable as err:
-        if response is None:
-            raise
-        state.metrics.upstream_errors.labels(backend.name, err.type).inc()
+    except (TimeoutError, BackendUnreachable) as exc:
+        response, err = attempt.broken(exc)
         await _end_with_error(response, adapter, err, ex)
     finally:
-        if upstream is not None:
-            if complete:
-                upstream.release()
-            else:
-                upstream.close()
-    return response
+        attempt.settle()
+    assert attempt.response is not None
+    return attempt.response
 
 
 async def _answer(upstream: Response, adapter: Adapter, ex: Exchange) -> web.Response:

@@ -7,6 +7,7 @@ The body itself is forwarded as received; only `model` may be rewritten, in plac
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 import msgspec
 
@@ -48,6 +49,7 @@ class Invocation(msgspec.Struct, frozen=True):
     chat_template: bool = False
 
 
+_T = TypeVar("_T")
 _DECODER = msgspec.json.Decoder(_Fields)
 _INVOCATION = msgspec.json.Decoder(_InvocationFields)
 _ANY = msgspec.json.Decoder()
@@ -55,16 +57,7 @@ _ANY = msgspec.json.Decoder()
 
 def peek(body: bytes) -> RequestView:
     """Decode `model` and `stream`, or raise `InvalidRequest` saying what is wrong."""
-    if not body.strip():
-        raise InvalidRequest("request body is empty: send a JSON object")
-    try:
-        view = _DECODER.decode(body)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"request body must be a JSON object ({_lower(exc)})") from exc
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON ({_lower(exc)})") from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest("request body is not valid UTF-8") from exc
+    view = _decode(_DECODER, body)
     if view.model is msgspec.UNSET:
         raise InvalidRequest("'model' is required")
     if not isinstance(view.model, str) or not view.model:
@@ -87,16 +80,7 @@ def _stream_flag(value: object) -> bool:
 def peek_invocation(body: bytes) -> Invocation:
     """Tell chat (`messages`), completions (`prompt`), embeddings (`input`) and TGI-style
     (`inputs`) bodies apart, or raise `InvalidRequest`."""
-    if not body.strip():
-        raise InvalidRequest("request body is empty: send a JSON object")
-    try:
-        fields = _INVOCATION.decode(body)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"request body must be a JSON object ({_lower(exc)})") from exc
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON ({_lower(exc)})") from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest("request body is not valid UTF-8") from exc
+    fields = _decode(_INVOCATION, body)
     stream = _stream_flag(fields.stream)
     template = fields.chat_template is not msgspec.UNSET
     if fields.messages is not msgspec.UNSET:
@@ -124,6 +108,20 @@ def decode_object(body: bytes) -> dict[str, object]:
     if not isinstance(value, dict):
         raise InvalidRequest("request body must be a JSON object")
     return value
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
+    """Decode a body's routing view, every failure an `InvalidRequest` saying what is wrong."""
+    if not body.strip():
+        raise InvalidRequest("request body is empty: send a JSON object")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequest(f"request body must be a JSON object ({_lower(exc)})") from exc
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON ({_lower(exc)})") from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("request body is not valid UTF-8") from exc
 
 
 def _lower(exc: Exception) -> str:
