@@ -144,6 +144,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.paused = False
+        self.bodiless = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -176,6 +177,12 @@ class Connection(asyncio.Protocol):
         assert response is not None and self.head is not None
         response.status = self.parser.get_status_code()
         self.keep_alive = self.parser.should_keep_alive()
+        if self.bodiless:
+            # A HEAD answer announces a body it does not carry; the parser cannot know that,
+            # so the response ends here and the connection is not reused.
+            self.keep_alive = False
+            self.complete = True
+            response._finish()
         if not self.head.done():
             self.head.set_result(response)
 
@@ -189,9 +196,13 @@ class Connection(asyncio.Protocol):
             self.response._finish()
 
     # used by the pool and the response
-    def send(self, data: list[bytes]) -> asyncio.Future[Response]:
-        """Write one request; the returned future resolves when the response head is in."""
+    def send(self, data: list[bytes], *, bodiless: bool = False) -> asyncio.Future[Response]:
+        """Write one request; the returned future resolves when the response head is in.
+
+        `bodiless`: the request is a HEAD, whose answer has no body whatever its headers say.
+        """
         assert self.transport is not None
+        self.bodiless = bodiless
         self.requests += 1
         self.received = False
         self.complete = False

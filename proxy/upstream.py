@@ -81,7 +81,7 @@ async def send(
     for retry in (True, False):
         conn = await (backend.pool.acquire() if retry else backend.pool.connect())
         try:
-            return await conn.send(head)
+            return await conn.send(head, bodiless=method == "HEAD")
         except ConnectionClosed as exc:
             if retry and exc.stale:
                 continue

@@ -107,3 +107,16 @@ async def test_fresh_connection_closed_is_not_retried(gateway_factory) -> None:
         assert 1 == backend.posts
     finally:
         await backend.close()
+
+
+async def test_head_request_does_not_wait_for_a_body(gateway_factory, upstream) -> None:
+    """A HEAD through the endpoint proxy ends at the head, though it announces a body."""
+    models = "models:\n  ep: {targets: [{backend: gpu}]}\n"
+    gw = await gateway_factory(one_backend(upstream.url, models=models))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.head(
+                gw.url + "/models/ep/proxy/schema", timeout=aiohttp.ClientTimeout(total=5)
+            ) as r:
+                assert 200 == r.status
+    assert ["HEAD", "HEAD"] == [r.method for r in upstream.posts]
