@@ -85,6 +85,8 @@ def from_http_exception(exc: web.HTTPException) -> ProxyError:
 
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, authentication (before routing), the handler, then one envelope for any
+    error and one round of accounting (metrics, access log) for every request."""
     state: GatewayState = request.app[STATE]
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else UNMATCHED_ROUTE
@@ -95,7 +97,6 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         dialect=dialect_of(request.path),
     )
     request[EXCHANGE] = ex
-    response: web.StreamResponse | None = None
     try:
         if request.path not in state.open_paths:
             query_key = request.query.get("key") if ex.dialect == "gemini" else None
