@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -53,6 +54,18 @@ def setup_logging(level: str) -> None:
     )
 
 
+def raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one: each stream holds two sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("could not raise the open-files limit from %d: %s", soft, exc)
+            return
+    logger.info("open-files limit: %d", hard)
+
+
 async def serve(config: Config) -> None:
     """Run the gateway until SIGTERM or SIGINT, then let requests in flight finish."""
     runner = make_runner(create_app(config, access_log=sys.stdout.buffer), config)
@@ -91,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print("config ok")
         return 0
+    raise_open_files_limit()
     uvloop.run(serve(config))
     return 0
 

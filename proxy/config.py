@@ -60,7 +60,7 @@ class BackendConfig(_Section, frozen=True):
     api_key_env: str | None = None
     max_in_flight: int | None = None
     keepalive_s: float = 4.0
-    max_connections: int = 1024
+    max_connections: int = 16384
     health_path: str | None = None
     serves: tuple[OptionalApi, ...] | None = None
 

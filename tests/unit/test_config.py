@@ -77,7 +77,7 @@ def test_backend_defaults() -> None:
         api_key_env=None,
         max_in_flight=None,
         keepalive_s=4.0,
-        max_connections=1024,
+        max_connections=16384,
         health_path=None,
     )
     assert {"b": expected} == load_config("backends: {b: {url: 'http://h:1'}}").backends
