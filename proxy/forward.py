@@ -91,12 +91,12 @@ async def exchange(
     target = backend.target(path, request.raw_path.partition("?")[2])
     attempt = UpstreamTry(state, backend)
     try:
-        async with asyncio.timeout_at(deadline) as timer:
+        async with asyncio.timeout_at(deadline):
             attempt.upstream = upstream = await send(backend, request.method, target, headers, body)
             attempt.response, attempt.complete = await relay.start(request, upstream, ex)
             if not attempt.complete:
                 attempt.complete = await relay.pump(
-                    upstream, attempt.response, ex, timer, deadline, state.config.timeouts.idle_s
+                    request, upstream, attempt.response, ex, deadline, state.config.timeouts.idle_s
                 )
     except (TimeoutError, BackendUnreachable) as exc:
         response, err = attempt.broken(exc)

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import ssl
 import time
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -31,6 +32,7 @@ class Response:
         "_connection",
         "_done",
         "_error",
+        "_sink",
         "_waiter",
         "headers",
         "reason",
@@ -47,6 +49,7 @@ class Response:
         self._done = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], None] | None = None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of a header (name in lower case), or None."""
@@ -74,6 +77,49 @@ class Response:
             self._connection.resume()
         self._buffered = 0
         return data
+
+    def divert(self, sink: Callable[[bytes], None]) -> bytes:
+        """From now on hand each piece of the body to `sink` the moment it arrives (in the
+        protocol callback: no task switch per piece). Returns what was buffered before."""
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        self._buffered = 0
+        self._connection.resume()
+        self._sink = sink
+        return data
+
+    async def wait(self, until: float) -> None:
+        """Until the body ends or fails (which raises), `wake()` is called, or loop time `until`."""
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            return
+        loop = self._connection.loop
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_at(until, self.wake)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def done(self) -> bool:
+        """Whether the body has ended (or failed)."""
+        return self._done
+
+    def wake(self) -> None:
+        """Return control to the task waiting in `wait()`."""
+        self._wake()
+
+    def pause_reading(self) -> None:
+        """Stop reading from the backend (the client is slower than it)."""
+        self._connection.pause()
+
+    def resume_reading(self) -> None:
+        self._connection.resume()
 
     def has_body_bytes(self) -> bool:
         """Whether body bytes are waiting to be read."""
@@ -109,6 +155,9 @@ class Response:
 
     # Called by the connection's protocol callbacks.
     def _feed(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > _HIGH_WATER:

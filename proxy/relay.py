@@ -13,8 +13,9 @@ from proxy.h1 import Response
 from proxy.headers import downstream_headers, is_event_stream
 from proxy.usage import TAIL_BYTES, count_events, usage_in
 
-# The idle timer is re-armed at most this often (seconds): per-chunk work stays O(1).
-_REARM_EVERY = 0.5
+# Bytes waiting for a slow client before the backend is paused, and resumed.
+_CLIENT_HIGH_WATER = 256 * 1024
+_CLIENT_LOW_WATER = 64 * 1024
 
 
 async def start(
@@ -46,55 +47,128 @@ async def start(
     return response, False
 
 
+class _Sink:
+    """Writes each piece of the backend's body to the client the moment it arrives.
+
+    Called from the upstream protocol's callback, so a streamed token costs no task switch:
+    one read from the backend, one write to the client. It keeps the tallies (bytes, SSE
+    events, the tail where `usage` is found) and asks the relay task for help only when the
+    client falls behind or goes away.
+    """
+
+    __slots__ = (
+        "before_last",
+        "chunked",
+        "clock",
+        "events",
+        "first_at",
+        "gone",
+        "last",
+        "last_at",
+        "nbytes",
+        "paused",
+        "sse",
+        "tail",
+        "transport",
+        "upstream",
+    )
+
+    def __init__(
+        self, upstream: Response, transport: asyncio.Transport, chunked: bool, sse: bool
+    ) -> None:
+        self.upstream = upstream
+        self.transport = transport
+        self.chunked = chunked
+        self.sse = sse
+        self.clock = asyncio.get_running_loop().time
+        self.last_at = self.clock()
+        self.first_at: float | None = None
+        self.events = self.nbytes = 0
+        self.tail = self.before_last = self.last = b""
+        self.gone = self.paused = False
+
+    def account(self, data: bytes) -> None:
+        """Tally a piece of the body on its way to the client."""
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        self.nbytes += len(data)
+        if self.sse:
+            self.events += count_events(data, self.tail)
+            self.tail = data[-2:]
+        self.before_last, self.last = self.last, data
+        self.last_at = self.clock()
+
+    def __call__(self, data: bytes) -> None:
+        transport = self.transport
+        if transport.is_closing():
+            self.gone = True
+            self.upstream.pause_reading()
+            self.upstream.wake()
+            return
+        self.account(data)
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        if transport.get_write_buffer_size() > _CLIENT_HIGH_WATER:
+            self.paused = True
+            self.upstream.pause_reading()
+            self.upstream.wake()
+
+
 async def pump(
+    request: web.Request,
     upstream: Response,
     response: web.StreamResponse,
     ex: Exchange,
-    timer: asyncio.Timeout,
     deadline: float,
     idle_s: float,
 ) -> bool:
-    """Copy the body chunk by chunk; True when it ended, False when the client went away.
+    """Relay the body as it arrives; True when it ended, False when the client went away.
 
-    `timer` fires at the request's deadline or after `idle_s` without a chunk, whichever
-    comes first; it is pushed forward as chunks arrive.
+    A TimeoutError is raised at the request's deadline or after `idle_s` without a piece of
+    the body; the task wakes only for those checks, for the end, and for a slow client.
     """
-    loop = asyncio.get_running_loop()
-    armed = loop.time()
-    timer.reschedule(min(deadline, armed + idle_s))
-    sse = ex.sse
-    read = upstream.read_chunk
-    events = nbytes = 0
-    tail = b""
-    before_last = last = b""
+    transport = request.transport
+    if transport is None:
+        ex.client_gone = True
+        return False
+    # aiohttp frames the body in chunks exactly when it announced so in the head it sent.
+    chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    sink = _Sink(upstream, transport, chunked, ex.sse)
+    early = upstream.divert(sink)
     try:
-        while chunk := await read():
-            if ex.first_byte_at is None:
-                ex.first_byte_at = time.perf_counter()
-            nbytes += len(chunk)
-            if sse:
-                events += count_events(chunk, tail)
-                tail = chunk[-2:]
-            before_last, last = last, chunk
-            try:
-                await response.write(chunk)
-            except ConnectionError:
+        if early:  # arrived before the head went out: aiohttp sends both together
+            sink.account(early)
+            await response.write(early)
+        while not upstream.done:
+            await upstream.wait(min(deadline, sink.last_at + idle_s))
+            if sink.gone:
                 ex.client_gone = True
                 return False
-            now = loop.time()
-            if now - armed > _REARM_EVERY:
-                armed = now
-                timer.reschedule(min(deadline, now + idle_s))
+            if sink.paused:
+                await _drained(sink.transport)
+                sink.paused = False
+                upstream.resume_reading()
+            elif not upstream.done and sink.clock() >= min(deadline, sink.last_at + idle_s):
+                raise TimeoutError
     finally:
-        ex.bytes_out += nbytes
-        ex.events += events
-        ex.usage = usage_in(before_last[-TAIL_BYTES:] + last[-TAIL_BYTES:])
+        if sink.first_at is not None and ex.first_byte_at is None:
+            ex.first_byte_at = sink.first_at
+        ex.bytes_out += sink.nbytes
+        ex.events += sink.events
+        ex.usage = usage_in(sink.before_last[-TAIL_BYTES:] + sink.last[-TAIL_BYTES:])
     try:
         await response.write_eof()
     except ConnectionError:
         ex.client_gone = True
         return False
     return True
+
+
+async def _drained(transport: asyncio.Transport) -> None:
+    """Until the client has taken most of what waits for it (or is gone)."""
+    delay = 0.001
+    while transport.get_write_buffer_size() > _CLIENT_LOW_WATER and not transport.is_closing():
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 async def end_with_error(

@@ -166,3 +166,44 @@ async def test_backend_cut_mid_stream_ends_with_unreachable_event(gateway, upstr
     assert {"type", "message"} == set(last["error"])
     assert b"data: [DONE]" not in events
     assert 3 == len(events)
+
+
+async def test_slow_client_gets_every_byte_in_order(gateway, upstream) -> None:
+    """A client slower than the backend gets the whole stream, in order, nothing lost."""
+    from aiohttp import web
+
+    events = [b"data: " + (b"%05d" % i) * 2000 + b"\n\n" for i in range(1200)]  # ~12 MB
+    body = b"".join(events)
+
+    async def fast(request, rec):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        for event in events:
+            await response.write(event)
+        await response.write_eof()
+        return response
+
+    upstream.script["/v1/chat/completions"] = fast
+    port = int(gateway.url.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # a small window
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(CHAT)}\r\n\r\n"
+    await loop.sock_sendall(sock, head.encode() + CHAT)
+    received = bytearray()
+    try:
+        async with asyncio.timeout(60):
+            while len(received) < len(body) or b"\r\n\r\n" not in received:
+                piece = await loop.sock_recv(sock, 16 * 1024)
+                assert piece, "the gateway closed the connection early"
+                received += piece
+                await asyncio.sleep(0.0005)  # a slow reader: the gateway must pause the backend
+                if len(received) >= len(body) and received.endswith(body[-100:]):
+                    break
+    finally:
+        sock.close()
+    assert body == bytes(received).split(b"\r\n\r\n", 1)[1]
+    await wait_for(lambda: gateway.state.backends["gpu"].in_flight == 0)
