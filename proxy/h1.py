@@ -179,6 +179,23 @@ class Response:
 class Connection(asyncio.Protocol):
     """One upstream TCP connection and its HTTP/1.1 response parser."""
 
+    __slots__ = (
+        "bodiless",
+        "closed",
+        "complete",
+        "head",
+        "idle_since",
+        "keep_alive",
+        "loop",
+        "parser",
+        "paused",
+        "pool",
+        "received",
+        "requests",
+        "response",
+        "transport",
+    )
+
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.loop = pool.loop
