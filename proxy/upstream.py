@@ -6,7 +6,8 @@ from collections.abc import Mapping
 
 from proxy.config import BackendConfig, Config
 from proxy.errors import BackendUnreachable
-from proxy.h1 import ConnectionClosed, Pool, Response
+from proxy.h1 import ConnectionClosed, Response
+from proxy.pool import Pool
 
 
 class Backend:
