@@ -155,6 +155,11 @@ async def pump(
         ex.bytes_out += sink.nbytes
         ex.events += sink.events
         ex.usage = usage_in(sink.before_last[-TAIL_BYTES:] + sink.last[-TAIL_BYTES:])
+    return await finish(response, ex)
+
+
+async def finish(response: web.StreamResponse, ex: Exchange) -> bool:
+    """End a streamed response; False when the client is already gone."""
     try:
         await response.write_eof()
     except ConnectionError:

@@ -30,6 +30,7 @@ from proxy.exchange import Exchange
 from proxy.forward import UpstreamTry, try_targets
 from proxy.h1 import Response
 from proxy.headers import REQUEST_ID
+from proxy.relay import finish
 from proxy.routing import Target
 from proxy.state import GatewayState
 from proxy.translate.chat_stream import ChatStreamParser
@@ -191,12 +192,7 @@ async def _pump(
             timer.reschedule(min(deadline, loop.time() + idle_s))
     finally:
         ex.usage = usage_in(before_last[-TAIL_BYTES:] + last[-TAIL_BYTES:])
-    try:
-        await response.write_eof()
-    except ConnectionError:
-        ex.client_gone = True
-        return False
-    return True
+    return await finish(response, ex)
 
 
 async def _end_with_error(
