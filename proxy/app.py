@@ -43,6 +43,7 @@ def create_app(
     async def backends(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]
         state.backends = open_backends(config, env)
+        state.metrics.in_flight = lambda: {n: b.in_flight for n, b in state.backends.items()}
         yield
         for backend in state.backends.values():
             backend.close()

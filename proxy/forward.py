@@ -37,23 +37,20 @@ async def try_targets(
                 f"backend '{backend.name}' is at its limit of {limit} requests in flight",
                 retry_after=1,
             )
-            state.metrics.upstream_errors.labels(backend.name, failure.type).inc()
+            state.metrics.upstream_error(backend.name, failure.type)
             continue
         ex.backend = backend.name
-        gauge = state.metrics.child(state.metrics.in_flight, backend.name)
         backend.in_flight += 1
-        gauge.inc()
         try:
             return await run(backend, target)
         except BackendUnreachable as err:
-            state.metrics.upstream_errors.labels(backend.name, err.type).inc()
+            state.metrics.upstream_error(backend.name, err.type)
             failure = err
         except BackendTimeout as err:
-            state.metrics.upstream_errors.labels(backend.name, err.type).inc()
+            state.metrics.upstream_error(backend.name, err.type)
             raise
         finally:
             backend.in_flight -= 1
-            gauge.dec()
     raise failure
 
 
@@ -132,7 +129,7 @@ class UpstreamTry:
             else exc
         )
         assert isinstance(err, ProxyError)
-        self.state.metrics.upstream_errors.labels(self.backend.name, err.type).inc()
+        self.state.metrics.upstream_error(self.backend.name, err.type)
         return self.response, err
 
     def settle(self) -> None:

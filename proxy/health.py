@@ -37,7 +37,7 @@ async def check_all(state: GatewayState) -> None:
         if state.healthy.get(name) != up:
             logger.info("backend %s is %s", name, "up" if up else "down")
         state.healthy[name] = up
-        state.metrics.backend_up.labels(name).set(1 if up else 0)
+        state.metrics.backend_up[name] = 1 if up else 0
 
 
 async def backend_models(backend: Backend, timeout_s: float) -> list[dict[str, object]]:

@@ -130,16 +130,16 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 def _account(state: GatewayState, ex: Exchange, finished: float) -> None:
-    """Every metric of one request, observed once at its end."""
+    """Every metric of one request, tallied once at its end."""
     m = state.metrics
     model = ex.model_label
-    m.child(m.requests, ex.route, model, ex.backend, str(ex.status)).inc()
-    m.child(m.duration, ex.route, model).observe(finished - ex.started)
+    m.requests[ex.route, model, ex.backend, str(ex.status)] += 1
+    m.duration[ex.route, model].observe(finished - ex.started)
     if ex.sse:
         if ex.first_byte_at is not None:
-            m.child(m.ttft, model, ex.backend).observe(ex.first_byte_at - ex.started)
+            m.ttft[model, ex.backend].observe(ex.first_byte_at - ex.started)
         if ex.events:
-            m.child(m.stream_chunks, model).inc(ex.events)
+            m.stream_chunks[model] += ex.events
     if ex.usage is not None:
-        m.child(m.tokens, model, "prompt").inc(ex.usage.prompt)
-        m.child(m.tokens, model, "completion").inc(ex.usage.completion)
+        m.tokens[model, "prompt"] += ex.usage.prompt
+        m.tokens[model, "completion"] += ex.usage.completion
