@@ -28,6 +28,8 @@ test: install lint typecheck
 else
 test: install lint typecheck real-backend
 endif
+	@command -v curl >/dev/null || { echo "installing curl (the README's examples are tested with it)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
 	$(BIN)/python -m pytest
 
 unit: install
