@@ -48,6 +48,7 @@ typecheck: install
 
 ## The benchmark suite: direct vs nginx vs inference-proxy (installs wrk and nginx if missing).
 bench: install
+	$(BIN)/pip install --quiet -e '.[bench]'
 	bash bench/ensure_tools.sh
 	$(BIN)/python -m bench.run
 
