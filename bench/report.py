@@ -272,7 +272,7 @@ def results_markdown(results: dict[str, Any], rows: list[Row], plot: str | None)
         f"- date: {meta['date']}",
         f"- commit: {meta['commit']}",
         f"- machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory_gib']} GiB, Linux {m['kernel']}",
-        f"- software: Python {m['python']}, nginx {m['nginx']}, {m['wrk']}",
+        f"- software: Python {m['python']}, {m['nginx']}, {m['wrk']}",
         f"- run: `{meta['command']}` in {meta['elapsed_s']:.0f} s"
         + (" (quick: short runs, targets indicative only)" if meta["quick"] else ""),
         "- pinning: simulated backend and load generators on CPU 0, the proxy under test on CPU 1",
@@ -281,7 +281,14 @@ def results_markdown(results: dict[str, Any], rows: list[Row], plot: str | None)
         lines.append(f"- **{path} not measured**: {reason}")
     for where, reason in results.get("failures", {}).items():
         lines.append(f"- **{where} failed**: {reason}")
-    lines += [f"- possible interference: {note}" for note in interference(results)]
+    notes = interference(results)
+    if notes:
+        lines.append(
+            f"- **possible interference from other programs in {len(notes)} runs** "
+            "(rerun on a quiet machine before trusting their wall-clock figures; CPU time per "
+            "request or chunk is the proxy's own and suffers least):"
+        )
+        lines += [f"  - {note}" for note in notes]
     lines += ["", markdown_table(rows), ""]
     if plot:
         lines += [f"![time to first event vs concurrency]({plot})", ""]

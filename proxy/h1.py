@@ -87,6 +87,10 @@ class Response:
         self._sink = sink
         return data
 
+    def undivert(self) -> None:
+        """Stop handing body pieces to the sink (and drop the reference cycle to it)."""
+        self._sink = None
+
     async def wait(self, until: float) -> None:
         """Until the body ends or fails (which raises), `wake()` is called, or loop time `until`."""
         if self._error is not None:
@@ -288,6 +292,9 @@ class Connection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.transport.abort()
         self.closed = True
+        if not self.complete:  # wake whoever still waits on this exchange
+            self._fail(BackendUnreachable("the connection to the backend was closed"))
+        self.response = None  # the caller keeps its own reference; no cycle outlives the socket
         self.pool.forget(self)
 
     def pause(self) -> None:

@@ -150,6 +150,7 @@ async def pump(
             elif not upstream.done and sink.clock() >= min(deadline, sink.last_at + idle_s):
                 raise TimeoutError
     finally:
+        upstream.undivert()
         if sink.first_at is not None and ex.first_byte_at is None:
             ex.first_byte_at = sink.first_at
         ex.bytes_out += sink.nbytes
