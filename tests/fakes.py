@@ -236,3 +236,41 @@ def sequence_script(*scripts: Script) -> Script:
         return await script(request, rec)
 
     return handle
+
+
+def chat_answer(
+    content: str | None = "Fine.",
+    finish: str = "stop",
+    *,
+    tool_calls: list[dict] | None = None,
+    prompt: int = 11,
+    completion: int = 4,
+    model: str = "up-chat",
+    **choice: object,
+) -> dict:
+    """A chat.completion as a backend sends it (for the translated routes' tests)."""
+    message: dict = {"role": "assistant", "content": content}
+    if tool_calls is not None:
+        message["tool_calls"] = tool_calls
+    return {
+        "id": "chatcmpl-7",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, **choice}],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+
+
+def text_stream(
+    *texts: str, finish: str = "stop", prompt: int = 12, **choice: object
+) -> list[bytes]:
+    """A chat stream: a role delta, the texts, the finish, the usage chunk, [DONE]."""
+    events = [delta_event({"role": "assistant", "content": ""})]
+    events += [delta_event({"content": t}) for t in texts]
+    events.append(delta_event({}, finish, **choice))
+    return [*events, usage_event(prompt, len(texts)), b"data: [DONE]\n\n"]

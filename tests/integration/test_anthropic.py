@@ -13,11 +13,13 @@ import pytest
 
 from bench.simbackend import start_simbackend
 from tests.fakes import (
+    chat_answer,
     delta_event,
     json_script,
     sse_event,
     sse_script,
     stream_script,
+    text_stream,
     usage_event,
 )
 
@@ -129,33 +131,6 @@ def client(url: str, sent: list[bytes] | None = None, **options: Any) -> anthrop
         http_client=anthropic.DefaultHttpxClient(event_hooks=hooks),
         **options,
     )
-
-
-def chat_answer(
-    content: str | None = "Fine.",
-    finish: str = "stop",
-    *,
-    tool_calls: list[dict] | None = None,
-    prompt: int = 11,
-    completion: int = 4,
-    **choice: object,
-) -> dict:
-    """A chat.completion as a backend sends it."""
-    message: dict = {"role": "assistant", "content": content}
-    if tool_calls is not None:
-        message["tool_calls"] = tool_calls
-    return {
-        "id": "chatcmpl-7",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "up-chat",
-        "choices": [{"index": 0, "message": message, "finish_reason": finish, **choice}],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
-    }
 
 
 def call(call_id: str, name: str, arguments: str) -> dict:
@@ -511,14 +486,6 @@ async def test_translated_stop_reasons(setup, choice, stop_sequences, expected) 
 
     message = await asyncio.to_thread(run)
     assert expected == (message.stop_reason, message.stop_sequence)
-
-
-def text_stream(*texts: str, finish: str = "stop", **choice: object) -> list[bytes]:
-    """A chat stream: a role delta, the texts, the finish, the usage chunk, [DONE]."""
-    events = [delta_event({"role": "assistant", "content": ""})]
-    events += [delta_event({"content": t}) for t in texts]
-    events.append(delta_event({}, finish, **choice))
-    return [*events, usage_event(12, len(texts)), b"data: [DONE]\n\n"]
 
 
 async def test_translated_stream_event_sequence(setup) -> None:

@@ -4,6 +4,7 @@ to and from chat completions, on the default API version and v1beta, errors in G
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -13,6 +14,7 @@ from google import genai
 from google.genai import errors, types
 
 from bench.simbackend import start_simbackend
+from tests import fakes
 from tests.fakes import (
     delta_event,
     json_script,
@@ -54,6 +56,10 @@ WEATHER_FUNCTION = {
 }
 
 
+chat_answer = partial(fakes.chat_answer, prompt=10, completion=3, model="up-gem")
+text_stream = partial(fakes.text_stream, prompt=8)
+
+
 @pytest.fixture
 async def setup(upstream, gateway_factory):
     """A gateway whose only backend is a vllm one: Gemini is translated even for vLLM."""
@@ -69,37 +75,6 @@ def client(
     if version is not None:
         options["api_version"] = version
     return genai.Client(api_key=key, http_options=options)
-
-
-def chat_answer(
-    content: str | None = "Sunny.",
-    finish: str = "stop",
-    *,
-    tool_calls: list[dict] | None = None,
-    prompt: int = 10,
-    completion: int = 3,
-) -> dict:
-    message: dict = {"role": "assistant", "content": content}
-    if tool_calls is not None:
-        message["tool_calls"] = tool_calls
-    return {
-        "id": "chatcmpl-g",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "up-gem",
-        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
-    }
-
-
-def text_stream(*texts: str, finish: str = "stop") -> list[bytes]:
-    events = [delta_event({"role": "assistant", "content": ""})]
-    events += [delta_event({"content": t}) for t in texts]
-    return [*events, delta_event({}, finish), usage_event(8, len(texts)), b"data: [DONE]\n\n"]
 
 
 def paths(gw) -> list[str]:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -12,7 +13,9 @@ import orjson
 import pytest
 
 from bench.simbackend import start_simbackend
+from tests import fakes
 from tests.fakes import (
+    chat_answer,
     delta_event,
     json_script,
     sse_event,
@@ -74,6 +77,9 @@ NATIVE_RESPONSE = {
 }
 
 
+text_stream = partial(fakes.text_stream, prompt=9)
+
+
 def native_events() -> list[bytes]:
     """A native Responses stream, as vLLM sends it."""
     started = {**NATIVE_RESPONSE, "status": "in_progress", "output": [], "usage": None}
@@ -118,37 +124,6 @@ def client(url: str, sent: list[bytes] | None = None, base: str = "/v1") -> open
         max_retries=0,
         http_client=openai.DefaultHttpxClient(event_hooks=hooks),
     )
-
-
-def chat_answer(
-    content: str | None = "Fine.",
-    finish: str = "stop",
-    *,
-    tool_calls: list[dict] | None = None,
-    prompt: int = 11,
-    completion: int = 4,
-) -> dict:
-    message: dict = {"role": "assistant", "content": content}
-    if tool_calls is not None:
-        message["tool_calls"] = tool_calls
-    return {
-        "id": "chatcmpl-r",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "up-chat",
-        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        },
-    }
-
-
-def text_stream(*texts: str, finish: str = "stop") -> list[bytes]:
-    events = [delta_event({"role": "assistant", "content": ""})]
-    events += [delta_event({"content": t}) for t in texts]
-    return [*events, delta_event({}, finish), usage_event(9, len(texts)), b"data: [DONE]\n\n"]
 
 
 # -- the native path -----------------------------------------------------------------------
