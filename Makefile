@@ -6,12 +6,20 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 BACKEND_PORT ?= 8001
 
-.PHONY: install run test unit lint format typecheck bench real-backend clean
+.PHONY: install run test unit lint format typecheck bench soak real-backend lock clean
 
-$(STAMP): pyproject.toml
+# Dependencies come from the lock files in requirements/ (exact versions and hashes, made by
+# `make lock`), so a fresh machine installs what was tested. The package itself is installed
+# editable without its own dependency resolution (they are all in the lock already) and without
+# build isolation (setuptools, the build backend, is in the lock too).
+PIP_LOCKED := $(BIN)/python -m pip install --quiet --require-hashes --no-deps
+PIP_SELF   := $(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+
+$(STAMP): requirements/test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(PIP_LOCKED) -r requirements/test.txt
+	$(PIP_SELF)
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -48,13 +56,28 @@ typecheck: install
 
 ## The benchmark suite: direct vs nginx vs inference-proxy (installs wrk and nginx if missing).
 bench: install
-	$(BIN)/pip install --quiet -e '.[bench]'
+	$(PIP_LOCKED) -r requirements/bench.txt
 	bash bench/ensure_tools.sh
 	$(BIN)/python -m bench.run
 
 ## Build llama.cpp's llama-server and the Gemma 3 270M model once (a no-op when up to date).
 real-backend:
 	PYTHON=$(PYTHON) bash tests/real_backend/build.sh
+
+## Refresh the lock files on purpose: every runtime, test and bench dependency, pinned with hashes.
+# Resolved against PyPI itself (not this machine's local mirrors) so that each pin carries the
+# hashes of every file PyPI has for it; runtime.txt and bench.txt are constrained by test.txt,
+# so the three agree on every version they share.
+LOCK_VENV := .cache/lock-venv
+PIP_COMPILE := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= $(LOCK_VENV)/bin/pip-compile --quiet \
+	--generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --index-url https://pypi.org/simple
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet pip-tools==7.6.2
+	$(PIP_COMPILE) $(LOCK_ARGS) --extra test --build-deps-for editable -o requirements/test.txt pyproject.toml
+	$(PIP_COMPILE) -c requirements/test.txt -o requirements/runtime.txt pyproject.toml
+	$(PIP_COMPILE) -c requirements/test.txt --extra test --extra bench --build-deps-for editable \
+	  -o requirements/bench.txt pyproject.toml
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

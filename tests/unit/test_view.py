@@ -62,8 +62,9 @@ def test_peek_valid_bodies(body: bytes, expected: RequestView) -> None:
         (b'{"model": "a", "stream": "true"}', "'stream' must be true or false"),
         (b'{"model": "a", "stream": 1}', "'stream' must be true or false"),
         (b'{"model": "caf\xe9"}', "not valid UTF-8"),
-        (b'{"model": "a"}\xff', "not valid JSON"),
-        (b'\xff\xfe{"model": "a"}', "not valid JSON"),
+        (b'{"model": "a"}\xff', "not valid UTF-8"),
+        (b'\xff\xfe{"model": "a"}', "not valid UTF-8"),
+        (b'{"model": "a"}x', "not valid JSON"),
     ],
 )
 def test_peek_rejects_bad_bodies(body: bytes, message_part: str) -> None:
