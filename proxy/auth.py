@@ -98,7 +98,8 @@ def authenticate(
 def _basic_password(value: str) -> str:
     try:
         decoded = base64.b64decode(value, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError) as exc:
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        # ValueError: b64decode refuses a str with non-ASCII characters before decoding it.
         raise AuthenticationFailed("malformed HTTP Basic credentials") from exc
     _, sep, password = decoded.partition(":")
     if not sep or not password:

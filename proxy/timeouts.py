@@ -9,7 +9,9 @@ from proxy.config import TimeoutsConfig
 from proxy.errors import InvalidRequest
 
 TIMEOUT_HEADER = "OICM-Request-Timeout"
-_DECIMAL = re.compile(r"\s*(?:\d+(?:\.\d*)?|\.\d+)\s*")
+# ASCII digits between optional spaces and tabs (HTTP's OWS): `\d` and `\s` without re.ASCII
+# would also take other scripts' digits and separators such as "\x1f", which float() refuses.
+_DECIMAL = re.compile(r"[ \t]*(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[ \t]*")
 
 
 def request_budget(header: str | None, timeouts: TimeoutsConfig) -> float:

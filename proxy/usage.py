@@ -7,8 +7,10 @@ import re
 import msgspec
 
 # OpenAI's names, and the Anthropic Messages and Responses APIs' names.
-_PROMPT = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*(\d+)')
-_COMPLETION = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*(\d+)')
+# A count has at most 18 digits (it fits 64 bits); a longer run of digits is no count, and
+# would pass Python's limit on the digits int() reads (4300), which raises ValueError.
+_PROMPT = re.compile(rb'"(?:prompt|input)_tokens"\s*:\s*([0-9]{1,18})(?![0-9])')
+_COMPLETION = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*([0-9]{1,18})(?![0-9])')
 _USAGE = b'"usage"'
 # How much of a body's end is kept to find the usage object in (it comes last).
 TAIL_BYTES = 8192
