@@ -40,6 +40,10 @@ endif
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
 	$(BIN)/python -m pytest
 
+## The soak test at full length: 100,000 mixed requests (make test runs 20,000).
+soak: install
+	SOAK_REQUESTS=100000 $(BIN)/python -m pytest -s tests/integration/test_soak.py -p no:timeout
+
 unit: install
 	$(BIN)/python -m pytest tests/unit
 

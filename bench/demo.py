@@ -1,37 +1,51 @@
 """`make run`: the simulated backend and the gateway in front of it, until Ctrl-C.
 
-Starts both as child processes, waits until each answers, prints a curl line and an
+Starts both as child processes, waits until each serves, prints a curl line and an
 OpenAI SDK snippet that work as printed, and stops both (by PID) on Ctrl-C or SIGTERM.
+The gateway is known to serve when it says `READY=1` on the notify socket this launcher
+hands it (systemd's protocol), so another process answering on a taken port never counts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
-import urllib.error
-import urllib.request
+from pathlib import Path
 
 MODEL = "sim-model"
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], within_s: float = 30.0) -> None:
-    """Poll `url` until it answers 200, or fail if the process died or time ran out."""
+def wait_listening(proc: subprocess.Popen[bytes]) -> None:
+    """The simulated backend's first line says it listens; it exits at once when it cannot."""
+    assert proc.stdout is not None
+    line = proc.stdout.readline().decode(errors="replace")
+    if "listening" not in line:
+        proc.wait(timeout=10)
+        raise SystemExit(f"the simulated backend exited with status {proc.returncode}")
+
+
+def wait_ready(
+    notify: socket.socket, proc: subprocess.Popen[bytes], within_s: float = 30.0
+) -> None:
+    """Wait for the child's `READY=1` datagram, or fail if it exited or time ran out."""
     deadline = time.monotonic() + within_s
+    notify.settimeout(0.2)
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args!r} exited with status {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310  (our own loopback URL)
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
+            if b"READY=1" in notify.recv(4096).split(b"\n"):
+                return
+        except TimeoutError:
             pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} did not become healthy within {within_s:.0f} s")
+        if proc.poll() is not None:
+            raise SystemExit(f"the gateway exited with status {proc.returncode}")
+    raise SystemExit(f"the gateway did not say it was ready within {within_s:.0f} s")
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -69,57 +83,49 @@ def main() -> int:
     parser.add_argument("--backend-port", type=int, default=8001)
     args = parser.parse_args()
     python = sys.executable
-    backend = subprocess.Popen(
-        [
-            python,
-            "-m",
-            "bench.simbackend",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(args.backend_port),
-            "--model",
-            MODEL,
-            "--ttft-ms",
-            "150",
-            "--tokens-per-s",
-            "30",
-        ],
-    )
-    children = [backend]
-    try:
-        wait_healthy(f"http://127.0.0.1:{args.backend_port}/health", backend)
-        gateway = subprocess.Popen(
-            [
-                python,
-                "-m",
-                "proxy",
-                "--backend",
-                f"http://127.0.0.1:{args.backend_port}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(args.port),
-            ],
-        )
-        children.append(gateway)
-        wait_healthy(f"http://127.0.0.1:{args.port}/health", gateway)
-        print(banner(args.port), flush=True)
-        signal.signal(signal.SIGTERM, _interrupt)
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(child.pid, signal.SIGKILL)
+    children: list[subprocess.Popen[bytes]] = []
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="inference-proxy-run-"))
+        notify = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        address = str(Path(scratch) / "notify")
+        notify.bind(address)
+        try:
+            backend = subprocess.Popen(
+                [
+                    python, "-m", "bench.simbackend", "--host", "127.0.0.1",
+                    "--port", str(args.backend_port), "--model", MODEL,
+                    "--ttft-ms", "150", "--tokens-per-s", "30",
+                ],
+                stdout=subprocess.PIPE,
+            )  # fmt: skip
+            children.append(backend)
+            wait_listening(backend)
+            gateway = subprocess.Popen(
+                [
+                    python, "-m", "proxy", "--backend", f"http://127.0.0.1:{args.backend_port}",
+                    "--host", "127.0.0.1", "--port", str(args.port),
+                ],
+                env={**os.environ, "NOTIFY_SOCKET": address},
+            )  # fmt: skip
+            children.append(gateway)
+            wait_ready(notify, gateway)
+            print(banner(args.port), flush=True)
+            signal.signal(signal.SIGTERM, _interrupt)
+            while all(child.poll() is None for child in children):
+                time.sleep(0.5)
+            return 1
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            for child in reversed(children):
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
+            for child in children:
+                try:
+                    child.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.kill(child.pid, signal.SIGKILL)
+    raise AssertionError("unreachable")  # the block above returns or raises
 
 
 if __name__ == "__main__":

@@ -133,8 +133,11 @@ async def serve(host: str, port: int, options: SimOptions) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        run(serve(args.host, args.port, options_from_args(args)))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            run(serve(args.host, args.port, options_from_args(args)))
+    except OSError as exc:
+        raise SystemExit(f"simbackend: cannot listen on {args.host}:{args.port}: {exc}") from None
 
 
 if __name__ == "__main__":

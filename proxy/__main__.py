@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
+import os
 import resource
 import signal
 import sys
@@ -13,11 +15,19 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
+from proxy import __version__
 from proxy.app import create_app, make_runner
 from proxy.config import Config, ConfigError, backend_only_config, load_config, with_listen
+from proxy.notify import notify
 
 logger = logging.getLogger("proxy")
 EXIT_CONFIG = 2
+EXIT_START = 1  # the gateway could not start serving (its port is taken, say)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class CannotListen(Exception):
+    """The listening socket could not be opened; the message names the address and why."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,7 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--host", help="listen address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper, help="log level"
+    )
+    parser.add_argument("--version", action="version", version=f"inference-proxy {__version__}")
     return parser.parse_args(argv)
 
 
@@ -48,7 +61,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(
-        level=level.upper(),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -66,26 +79,67 @@ def raise_open_files_limit() -> None:
     logger.info("open-files limit: %d", hard)
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, config_path: Path | None) -> None:
     """Run the gateway until SIGTERM or SIGINT, then let requests in flight finish."""
     runner = make_runner(create_app(config, access_log=sys.stdout.buffer), config)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port, backlog=4096)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(listen_failure(config.server.host, config.server.port, exc)) from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup, config_path)
     for address in runner.addresses:
         host, port = address[0], address[1]
         logger.info("inference-proxy listening on http://%s:%s", _host(host), port)
     models = ", ".join(config.models) if config.models else "as the backends list them"
     backends = ", ".join(f"{n}={b.url}" for n, b in config.backends.items())
     logger.info("backends: %s; models: %s", backends, models)
+    notify(os.environ, "READY=1", f"MAINPID={os.getpid()}")
     await stop.wait()
+    notify(os.environ, "STOPPING=1")
     logger.info("stopping: letting requests in flight finish (up to %ss)", config.server.drain_s)
     await runner.cleanup()
     logger.info("stopped")
+
+
+def listen_failure(host: str, port: int, exc: OSError) -> str:
+    """One line naming the address and the cause of a failed listen."""
+    causes = {
+        errno.EADDRINUSE: "the address is already in use (another process listens there)",
+        errno.EACCES: "permission denied (ports below 1024 need privileges)",
+        errno.EADDRNOTAVAIL: "no local interface has that address",
+    }
+    cause = causes.get(exc.errno or 0, exc.strerror or str(exc))
+    return f"cannot listen on {_host(host)}:{port}: {cause}"
+
+
+def on_hangup(config_path: Path | None) -> None:
+    """SIGHUP must never kill a serving gateway. Applying a new config to a running one is
+    not built yet, so the file is checked (its errors logged) and the running config kept."""
+    if config_path is None:
+        logger.warning("SIGHUP: running without a config file; nothing to reload")
+        return
+    try:
+        load_config(config_path.read_bytes())
+    except OSError as exc:
+        logger.error("SIGHUP: cannot read %s: %s; the running config stays", config_path, exc)
+        return
+    except ConfigError as exc:
+        for error in exc.errors:
+            logger.error("SIGHUP: %s: %s", config_path, error)
+        logger.error("SIGHUP: %s has errors; the running config stays", config_path)
+        return
+    logger.warning(
+        "SIGHUP: %s is valid, but a live reload is not supported in this version; "
+        "restart the gateway to apply it (the running config stays)",
+        config_path,
+    )
 
 
 def _host(host: str) -> str:
@@ -105,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         print("config ok")
         return 0
     raise_open_files_limit()
-    uvloop.run(serve(config))
+    try:
+        uvloop.run(serve(config, args.config))
+    except CannotListen as exc:
+        print(f"inference-proxy: {exc}", file=sys.stderr)
+        return EXIT_START
     return 0
 
 

@@ -38,7 +38,9 @@ def create_app(
         client_max_size=int(config.server.max_body_mb * 1024 * 1024),
     )
     log = AccessLog(access_log if config.server.access_log else None)
-    app[STATE] = GatewayState(config, keys, {}, Metrics(list(config.backends)), log)
+    app[STATE] = GatewayState(
+        config, keys, {}, Metrics(list(config.backends), config.timeouts.max_request_s), log
+    )
 
     async def backends(app: web.Application) -> AsyncIterator[None]:
         state = app[STATE]

@@ -13,13 +13,15 @@ import yaml
 
 BackendKind = Literal["vllm", "sglang", "tgi", "ollama", "llamacpp", "openai"]
 # Routes that not every OpenAI-compatible server has.
-OptionalApi = Literal["embeddings", "responses", "messages", "chat_template"]
+OptionalApi = Literal[
+    "embeddings", "responses", "messages", "chat_template", "tokenize", "detokenize"
+]
 _SERVES_BY_KIND: dict[str, tuple[OptionalApi, ...]] = {
-    "vllm": ("embeddings", "responses", "messages", "chat_template"),
-    "sglang": ("embeddings", "responses", "messages"),
+    "vllm": ("embeddings", "responses", "messages", "chat_template", "tokenize", "detokenize"),
+    "sglang": ("embeddings", "responses", "messages", "tokenize", "detokenize"),
     "ollama": ("embeddings", "responses", "messages"),
-    "llamacpp": ("embeddings", "responses", "messages"),
-    "tgi": (),
+    "llamacpp": ("embeddings", "responses", "messages", "tokenize", "detokenize"),
+    "tgi": ("tokenize",),
     "openai": ("embeddings",),
 }
 
@@ -99,7 +101,12 @@ class ConfigError(Exception):
 
 
 def load_config(text: bytes | str) -> Config:
-    """Parse YAML text into a checked `Config`, or raise `ConfigError` listing every problem."""
+    """Parse YAML text into a checked `Config`, or raise `ConfigError` listing every problem.
+
+    Every kind of error shows in one run: unknown keys, values of the wrong type, and the
+    value and cross-reference checks, the last made on whatever did decode (a backend whose
+    entry failed to decode still counts as defined, so it is not reported twice).
+    """
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -108,22 +115,23 @@ def load_config(text: bytes | str) -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(["(top level): expected a mapping of sections"])
-    errors = _unknown_keys(raw, msgspec.inspect.type_info(Config), "")
-    if errors:
-        raise ConfigError(errors)
-    config, errors = _convert(raw)
-    if config is None:
-        raise ConfigError(errors)
-    errors = check(config)
+    info = msgspec.inspect.type_info(Config)
+    errors = _unknown_keys(raw, info, "")
+    config, broken = _convert(_known_keys(raw, info), errors)
+    errors.extend(check(config, broken))
     if errors:
         raise ConfigError(errors)
     return config
 
 
-def _convert(raw: dict[str, Any]) -> tuple[Config | None, list[str]]:
-    """Type-check each section (and each backend and model) on its own, so every error shows."""
-    errors: list[str] = []
+def _convert(raw: dict[str, Any], errors: list[str]) -> tuple[Config, frozenset[str]]:
+    """Type-check each section (and each backend and model) on its own, so every error shows.
+
+    A section that fails keeps its defaults, and a backend or model entry that fails is left
+    out; the names of those entries are returned, so cross-checks still know they exist.
+    """
     sections: dict[str, Any] = {}
+    broken: set[str] = set()
     singles: tuple[tuple[str, type[_Section]], ...] = (
         ("server", ServerConfig),
         ("timeouts", TimeoutsConfig),
@@ -132,19 +140,22 @@ def _convert(raw: dict[str, Any]) -> tuple[Config | None, list[str]]:
     )
     for key, kind in singles:
         if key in raw:
-            sections[key] = _convert_one(raw[key], kind, key, errors)
+            section = _convert_one(raw[key], kind, key, errors)
+            if section is not None:
+                sections[key] = section
     for key, kind in (("backends", BackendConfig), ("models", ModelConfig)):
         entries = raw.get(key) or {}
         if not isinstance(entries, dict):
             errors.append(f"{key}: expected a mapping of names to entries")
+            broken.add(key)
             continue
-        sections[key] = {
+        converted = {
             str(name): _convert_one(entry, kind, f"{key}.{name}", errors)
             for name, entry in entries.items()
         }
-    if errors:
-        return None, errors
-    return Config(**sections), []
+        sections[key] = {name: entry for name, entry in converted.items() if entry is not None}
+        broken.update(f"{key}.{name}" for name, entry in converted.items() if entry is None)
+    return Config(**sections), frozenset(broken)
 
 
 def _convert_one(value: Any, kind: type[Any], path: str, errors: list[str]) -> Any:
@@ -174,8 +185,12 @@ def with_listen(config: Config, host: str | None, port: int | None) -> Config:
     return msgspec.structs.replace(config, server=server)
 
 
-def check(config: Config) -> list[str]:
-    """Every value and cross-reference problem of a decoded config, each with its key path."""
+def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
+    """Every value and cross-reference problem of a decoded config, each with its key path.
+
+    `broken` names entries (`backends.X`, `models.Y`) or whole sections (`backends`) that
+    exist in the file but did not decode: references to them are not errors of their own.
+    """
     errors: list[str] = []
     s, t = config.server, config.timeouts
     if not 0 <= s.port <= 65535:
@@ -197,11 +212,20 @@ def check(config: Config) -> list[str]:
         errors.append("timeouts.request_s: must not exceed timeouts.max_request_s")
     for name, backend in config.backends.items():
         errors.extend(_check_backend(f"backends.{name}", backend))
-    if not config.backends:
+    if not config.backends and not _mentions(broken, "backends"):
         errors.append("backends: no backend configured")
     for name, model in config.models.items():
-        errors.extend(_check_model(config, name, model))
+        errors.extend(_check_model(config, name, model, broken))
     return errors
+
+
+def _mentions(broken: frozenset[str], section: str, name: str | None = None) -> bool:
+    """Whether `section` (or, with `name`, its entry `name`) exists but did not decode."""
+    if section in broken:
+        return True
+    if name is None:
+        return any(b.startswith(section + ".") for b in broken)
+    return f"{section}.{name}" in broken
 
 
 def serves(backend: BackendConfig, api: OptionalApi) -> bool:
@@ -221,18 +245,22 @@ def health_path(backend: BackendConfig) -> str:
     return {"ollama": "/", "openai": "/v1/models"}.get(backend.kind, "/health")
 
 
-def _check_model(config: Config, name: str, model: ModelConfig) -> list[str]:
+def _check_model(
+    config: Config, name: str, model: ModelConfig, broken: frozenset[str]
+) -> list[str]:
     errors: list[str] = []
     path = f"models.{name}"
     if not model.targets:
         errors.append(f"{path}.targets: at least one target is needed")
     for i, target in enumerate(model.targets):
-        if target.backend not in config.backends:
+        if target.backend not in config.backends and not _mentions(
+            broken, "backends", target.backend
+        ):
             errors.append(f"{path}.targets[{i}].backend: unknown backend '{target.backend}'")
         if not _positive(target.weight):
             errors.append(f"{path}.targets[{i}].weight: must be a positive number")
     for i, fallback in enumerate(model.fallbacks):
-        if fallback not in config.models:
+        if fallback not in config.models and not _mentions(broken, "models", fallback):
             errors.append(f"{path}.fallbacks[{i}]: unknown model '{fallback}'")
         elif fallback == name:
             errors.append(f"{path}.fallbacks[{i}]: a model cannot fall back to itself")
@@ -282,6 +310,24 @@ def _unknown_keys(value: Any, info: msgspec.inspect.Type, path: str) -> list[str
     if isinstance(info, msgspec.inspect.UnionType):
         return [e for t in info.types for e in _unknown_keys(value, t, path)]
     return []
+
+
+def _known_keys(value: Any, info: msgspec.inspect.Type) -> Any:
+    """The raw YAML without the keys `_unknown_keys` reports, so the rest can still decode."""
+    if isinstance(info, msgspec.inspect.StructType) and isinstance(value, Mapping):
+        fields = {f.encode_name: f.type for f in info.fields}
+        return {k: _known_keys(v, fields[k]) for k, v in value.items() if k in fields}
+    if isinstance(info, msgspec.inspect.DictType) and isinstance(value, Mapping):
+        return {k: _known_keys(v, info.value_type) for k, v in value.items()}
+    if isinstance(info, msgspec.inspect.VarTupleType | msgspec.inspect.ListType) and isinstance(
+        value, list
+    ):
+        return [_known_keys(v, info.item_type) for v in value]
+    if isinstance(info, msgspec.inspect.UnionType):
+        structs = [t for t in info.types if isinstance(t, msgspec.inspect.StructType)]
+        if len(structs) == 1:
+            return _known_keys(value, structs[0])
+    return value
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)

@@ -22,6 +22,7 @@ class Exchange:
         "client_gone",
         "dialect",
         "error_type",
+        "event_gap",
         "events",
         "first_byte_at",
         "model_label",
@@ -31,6 +32,8 @@ class Exchange:
         "sse",
         "started",
         "status",
+        "stream_complete",
+        "stream_error",
         "usage",
     )
 
@@ -51,6 +54,20 @@ class Exchange:
         self.usage: Usage | None = None
         self.client_gone = False
         self.error_type: str | None = None
+        self.stream_error: str | None = None  # the error type a begun response ended with
+        self.stream_complete = False  # its protocol's last event reached the client
+        self.event_gap: float | None = None  # mean seconds between a stream's events
+
+
+def disconnect_phase(ex: Exchange) -> str:
+    """Where the request was when its client went away (a `DISCONNECT_PHASES` value)."""
+    if ex.backend == NO_BACKEND:
+        return "request"
+    if ex.status == 0:
+        return "upstream_head"
+    if ex.first_byte_at is None:
+        return "first_event"
+    return "mid_stream"
 
 
 class ClientGone(Exception):

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from proxy.adapters import ChatTemplateAdapter, ResponsesAdapter
 from proxy.chain import begin, json_response
+from proxy.config import OptionalApi
 from proxy.errors import NotFound
 from proxy.health import discover_models, unready_models
 from proxy.metrics import CONTENT_TYPE
@@ -24,6 +25,9 @@ CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES = (
     "/v1/responses",
 )
 OPENAI_POST_ROUTES = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
+# vLLM's and SGLang's helper routes (vLLM's benchmark client calls /tokenize first); not
+# every kind has them, so each is an optional API (`serves`).
+HELPER_ROUTES: dict[str, OptionalApi] = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
 
 
 async def serve_openai(
@@ -58,6 +62,21 @@ async def serve_openai(
     return await serve_model(
         request, model, body, deadline, native_path=path, force_model=force_model
     )
+
+
+def helper_route(path: str) -> Handler:
+    """A handler for a helper route (/tokenize, /detokenize), addressed by the body's
+    `model` and forwarded as is to a target whose kind serves it (else a 501)."""
+    api = HELPER_ROUTES[path]
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body, deadline = await begin(request)
+        view = peek(body)
+        return await serve_model(
+            request, view.model, body, deadline, native_path=path, native_api=api
+        )
+
+    return handle
 
 
 def vision_of(request: web.Request, model: str) -> bool:

@@ -12,7 +12,7 @@ import bisect
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -21,49 +21,90 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Time to first token: dense where interactive targets live (0.1 s to 30 s), up to 120 s.
+TTFT_BUCKETS: tuple[float, ...] = (
+    0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0,
+    7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
+)  # fmt: skip
+# Whole requests: from a fast embedding to the longest deadline the config allows.
+_DURATION_STEPS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+    600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0,
+)  # fmt: skip
+# The mean gap between a stream's events (inter-token latency when one event is one token).
+INTER_EVENT_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+    0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+# Where a client was when it went away (label values of proxy_client_disconnects_total).
+DISCONNECT_PHASES = ("request", "upstream_head", "first_event", "mid_stream")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def duration_buckets(max_request_s: float) -> tuple[float, ...]:
+    """Request-duration bounds up to `timeouts.max_request_s`, which is always the last one."""
+    return (*(b for b in _DURATION_STEPS if b < max_request_s), float(max_request_s))
 
 
 class Histogram:
     """Bucket counts and a sum for one label set."""
 
-    __slots__ = ("counts", "total")
+    __slots__ = ("bounds", "counts", "total")
 
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
         self.total = 0.0
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
     def buckets(self) -> list[tuple[str, float]]:
         """Cumulative counts per upper bound, as the exposition format wants them."""
         out: list[tuple[str, float]] = []
         running = 0
-        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
             running += count
             out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
         return out
 
 
+class Histograms(dict[tuple[str, ...], Histogram]):
+    """One histogram per label set, all with the same bounds."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        super().__init__()
+        self.bounds = bounds
+
+    def __missing__(self, key: tuple[str, ...]) -> Histogram:
+        histogram = self[key] = Histogram(self.bounds)
+        return histogram
+
+
 class Metrics:
     """Every series the gateway exports, tallied per request and rendered on scrape."""
 
-    def __init__(self, backends: list[str]) -> None:
+    def __init__(self, backends: list[str], max_request_s: float = 3600.0) -> None:
         self.backends = backends
         self.requests: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
-        self.duration: defaultdict[tuple[str, str], Histogram] = defaultdict(Histogram)
-        self.ttft: defaultdict[tuple[str, str], Histogram] = defaultdict(Histogram)
+        self.duration = Histograms(duration_buckets(max_request_s))
+        self.ttft = Histograms(TTFT_BUCKETS)
+        self.inter_event = Histograms(INTER_EVENT_BUCKETS)
         self.upstream_errors: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.stream_errors: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.disconnects: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.stream_chunks: defaultdict[str, int] = defaultdict(int)
         self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.backend_up: dict[str, int] = dict.fromkeys(backends, 0)
         self.in_flight: Callable[[], dict[str, int]] = lambda: dict.fromkeys(backends, 0)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
+        # process_resident_memory_bytes, process_open_fds, process_max_fds, CPU seconds...
+        # of the serving process, read from /proc at scrape time.
+        ProcessCollector(registry=self.registry)
 
     def upstream_error(self, backend: str, kind: str) -> None:
         self.upstream_errors[backend, kind] += 1
@@ -101,6 +142,12 @@ class _Collector:
             ["model", "backend"],
             m.ttft,
         )
+        yield _histogram(
+            "proxy_inter_event_seconds",
+            "Mean gap between the SSE events of one stream, observed once at its end.",
+            ["model", "backend"],
+            m.inter_event,
+        )
         in_flight = GaugeMetricFamily(
             "proxy_in_flight_requests",
             "Requests a backend is serving now through this gateway.",
@@ -117,6 +164,21 @@ class _Collector:
         for labels, count in m.upstream_errors.items():
             errors.add_metric(list(labels), count)
         yield errors
+        yield _counter(
+            "proxy_stream_errors",
+            "Responses that failed after their head went out (counted as their status, 200, in "
+            "proxy_requests_total): the stream stalled, ran out of time or was cut by the backend.",
+            ["model", "backend", "type"],
+            m.stream_errors,
+        )
+        yield _counter(
+            "proxy_client_disconnects",
+            "Clients that went away before their answer was complete, by where they were: "
+            "request (sending the body), upstream_head (waiting for the backend's head), "
+            "first_event (head sent, no body yet), mid_stream.",
+            ["model", "backend", "phase"],
+            m.disconnects,
+        )
         chunks = CounterMetricFamily(
             "proxy_stream_chunks", "SSE events relayed to clients.", labels=["model"]
         )
@@ -141,8 +203,17 @@ class _Collector:
         yield up
 
 
+def _counter(
+    name: str, doc: str, labels: list[str], series: dict[tuple[str, str, str], int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for values, count in series.items():
+        family.add_metric(list(values), count)
+    return family
+
+
 def _histogram(
-    name: str, doc: str, labels: list[str], series: dict[tuple[str, str], Histogram]
+    name: str, doc: str, labels: list[str], series: dict[tuple[str, ...], Histogram]
 ) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, doc, labels=labels)
     for values, histogram in series.items():

@@ -23,7 +23,7 @@ from proxy.errors import (
     envelope,
     error_headers,
 )
-from proxy.exchange import ClientGone, Exchange
+from proxy.exchange import ClientGone, Exchange, disconnect_phase
 from proxy.headers import REQUEST_ID
 from proxy.state import STATE, GatewayState
 
@@ -112,25 +112,28 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         return error_response(from_http_exception(exc), ex)
     except ClientGone:
         ex.client_gone = True
-        ex.status = CLIENT_CLOSED
         return web.Response(status=CLIENT_CLOSED)
     except asyncio.CancelledError:
         ex.client_gone = True
-        ex.status = CLIENT_CLOSED
         raise
     except Exception:  # the one catch-all: a bug must still get an envelope and a log line
         logger.exception("unhandled error on %s %s", request.method, request.path[:200])
         return error_response(ProxyError("the gateway failed on this request; see its log"), ex)
     finally:
-        if ex.client_gone:
+        left: str | None = None  # where the client was when it went away
+        if ex.client_gone and ex.stream_complete:
+            ex.client_gone = False  # it left after the last event: a complete answer
+        elif ex.client_gone:
+            left = disconnect_phase(ex)
             ex.status = CLIENT_CLOSED
         finished = time.perf_counter()
-        _account(state, ex, finished)
+        _account(state, ex, finished, left)
         state.access_log.write(ex, request.method, request.path[:200], finished)
 
 
-def _account(state: GatewayState, ex: Exchange, finished: float) -> None:
-    """Every metric of one request, tallied once at its end."""
+def _account(state: GatewayState, ex: Exchange, finished: float, left: str | None) -> None:
+    """Every metric of one request, tallied once at its end (`left`: the phase in which
+    its client went away, if it did)."""
     m = state.metrics
     model = ex.model_label
     m.requests[ex.route, model, ex.backend, str(ex.status)] += 1
@@ -140,6 +143,12 @@ def _account(state: GatewayState, ex: Exchange, finished: float) -> None:
             m.ttft[model, ex.backend].observe(ex.first_byte_at - ex.started)
         if ex.events:
             m.stream_chunks[model] += ex.events
+        if ex.event_gap is not None:
+            m.inter_event[model, ex.backend].observe(ex.event_gap)
+    if ex.stream_error is not None:
+        m.stream_errors[model, ex.backend, ex.stream_error] += 1
+    if left is not None:
+        m.disconnects[model, ex.backend, left] += 1
     if ex.usage is not None:
         m.tokens[model, "prompt"] += ex.usage.prompt
         m.tokens[model, "completion"] += ex.usage.completion

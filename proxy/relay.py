@@ -11,7 +11,7 @@ from proxy.errors import ProxyError, sse_error
 from proxy.exchange import Exchange
 from proxy.h1 import Response
 from proxy.headers import downstream_headers, is_event_stream
-from proxy.usage import TAIL_BYTES, count_events, usage_in
+from proxy.usage import TAIL_BYTES, count_events, ends_stream, usage_in
 
 # Bytes waiting for a slow client before the backend is paused, and resumed.
 _CLIENT_HIGH_WATER = 256 * 1024
@@ -62,6 +62,7 @@ class _Sink:
         "clock",
         "events",
         "first_at",
+        "first_loop_at",
         "gone",
         "last",
         "last_at",
@@ -83,6 +84,7 @@ class _Sink:
         self.clock = asyncio.get_running_loop().time
         self.last_at = self.clock()
         self.first_at: float | None = None
+        self.first_loop_at = 0.0
         self.events = self.nbytes = 0
         self.tail = self.before_last = self.last = b""
         self.gone = self.paused = False
@@ -91,6 +93,7 @@ class _Sink:
         """Tally a piece of the body on its way to the client."""
         if self.first_at is None:
             self.first_at = time.perf_counter()
+            self.first_loop_at = self.clock()
         self.nbytes += len(data)
         if self.sse:
             self.events += count_events(data, self.tail)
@@ -155,7 +158,11 @@ async def pump(
             ex.first_byte_at = sink.first_at
         ex.bytes_out += sink.nbytes
         ex.events += sink.events
-        ex.usage = usage_in(sink.before_last[-TAIL_BYTES:] + sink.last[-TAIL_BYTES:])
+        if sink.events > 1:
+            ex.event_gap = (sink.last_at - sink.first_loop_at) / (sink.events - 1)
+        tail = sink.before_last[-TAIL_BYTES:] + sink.last[-TAIL_BYTES:]
+        ex.usage = usage_in(tail)
+        ex.stream_complete = ex.sse and ends_stream(tail)
     return await finish(response, ex)
 
 
@@ -181,7 +188,7 @@ async def end_with_error(
     request: web.Request, response: web.StreamResponse, err: ProxyError, ex: Exchange
 ) -> None:
     """A stream that broke after it began: one last error event, or a cut connection."""
-    ex.error_type = err.type
+    ex.error_type = ex.stream_error = err.type
     if ex.sse:
         try:
             await response.write(sse_error(err, ex.dialect))

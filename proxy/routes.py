@@ -17,6 +17,8 @@ def add_routes(app: web.Application) -> None:
             router.add_post(prefix + path, handlers.openai_route(path))
         router.add_get(prefix + "/v1/models", handlers.list_models)
         router.add_get(prefix + "/v1/models/{model:.+}", handlers.get_model)
+    for path in handlers.HELPER_ROUTES:
+        router.add_post(path, handlers.helper_route(path))
     for prefix in ("/anthropic", "/gateway/anthropic"):
         router.add_post(prefix + "/v1/messages", routes_protocols.anthropic_messages)
     for prefix in ("/gemini", "/gateway/gemini"):

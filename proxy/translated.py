@@ -163,6 +163,7 @@ async def _pump(
     translator = adapter.stream_translator()
     timer.reschedule(min(deadline, loop.time() + idle_s))
     before_last = last = b""
+    first_write_at = last_write_at = 0.0
     done = False
     try:
         while not done:
@@ -182,6 +183,9 @@ async def _pump(
                 done = True
             data = b"".join(out)
             if data:
+                last_write_at = loop.time()
+                if not ex.events:
+                    first_write_at = last_write_at
                 ex.events += 1
                 ex.bytes_out += len(data)
                 try:
@@ -189,16 +193,19 @@ async def _pump(
                 except ConnectionError:
                     ex.client_gone = True
                     return False
+            ex.stream_complete = done  # the last event went out
             timer.reschedule(min(deadline, loop.time() + idle_s))
     finally:
         ex.usage = usage_in(before_last[-TAIL_BYTES:] + last[-TAIL_BYTES:])
+        if ex.events > 1:
+            ex.event_gap = (last_write_at - first_write_at) / (ex.events - 1)
     return await finish(response, ex)
 
 
 async def _end_with_error(
     response: web.StreamResponse, adapter: Adapter, err: ProxyError, ex: Exchange
 ) -> None:
-    ex.error_type = err.type
+    ex.error_type = ex.stream_error = err.type
     try:
         await response.write(adapter.stream_failed(err))
         await response.write_eof()

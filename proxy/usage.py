@@ -42,6 +42,25 @@ def _terminators(data: bytes) -> int:
     return n
 
 
+# The last event of a complete stream: OpenAI's `[DONE]`, Anthropic's `message_stop`, and the
+# Responses API's `response.completed` (each protocol's own end marker).
+_END_MARKERS = (b"[DONE]", b"message_stop", b"response.completed")
+
+
+def ends_stream(tail: bytes) -> bool:
+    """Whether an SSE body's tail ends with its protocol's last event, terminated.
+
+    A client may close as soon as it has read that event (the openai SDK does, after
+    `data: [DONE]`), before the backend's own end of body arrives; such a stream is complete.
+    """
+    if not tail.endswith((b"\n\n", b"\r\n\r\n")):
+        return False
+    body = tail.rstrip(b"\r\n")
+    start = max(body.rfind(b"\n\n"), body.rfind(b"\r\n\r\n"))
+    last = body[start + 1 :]
+    return any(marker in last for marker in _END_MARKERS) and b"data:" in last
+
+
 def usage_in(tail: bytes) -> Usage | None:
     """The token counts of the last `usage` object in the body's tail, if it has one."""
     at = tail.rfind(_USAGE)

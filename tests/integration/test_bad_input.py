@@ -33,7 +33,8 @@ async def call(
         (b'{"model": null}', "'model' must be a non-empty string"),
         (b'{"model": "m", "stream": "yes"}', "'stream' must be true or false"),
         (b'{"model": "\xff\xfe"}', "UTF-8"),
-        (b"\xff\xfe{}", "not valid JSON"),
+        (b"\xff\xfe{}", "not valid UTF-8"),
+        (b"{}x", "not valid JSON"),
     ],
 )
 async def test_bad_bodies_are_400(gateway, upstream, body, fragment) -> None:

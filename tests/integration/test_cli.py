@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy import __version__
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -35,23 +37,63 @@ def test_check_accepts_the_example_config() -> None:
 
 
 def test_check_reports_every_error(tmp_path: Path) -> None:
-    """--check lists each problem with its dotted path and exits 2."""
+    """--check lists every problem of every kind in one run, each with its dotted path, exit 2:
+    unknown keys, wrong types, bad values and cross-references together."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        "server: {prot: 1}\nbackends: {a: {url: 'http://127.0.0.1:1'}}\n"
-        "models:\n  q: {targets: [{backend: gpu-z}], fallbacks: [nope]}\n"
+        "server: {prot: 1, port: 99999}\n"
+        "timeouts: {idle_s: soon}\n"
+        "backends:\n"
+        "  a: {url: 'http://127.0.0.1:1', colour: red}\n"
+        "  b: {url: 'http://127.0.0.1:2', max_in_flight: many}\n"
+        "models:\n"
+        "  q: {targets: [{backend: gpu-z}, {backend: b}], fallbacks: [nope]}\n"
     )
-    first = run_cli("--config", str(bad), "--check")
-    assert 2 == first.returncode
-    assert "server.prot: unknown key" in first.stderr
-    bad.write_text(
-        "backends: {a: {url: 'http://127.0.0.1:1'}}\n"
-        "models:\n  q: {targets: [{backend: gpu-z}], fallbacks: [nope]}\n"
+    result = run_cli("--config", str(bad), "--check")
+    assert 2 == result.returncode
+    errors = [line.removeprefix("config error: ") for line in result.stderr.splitlines()]
+    assert "server.prot: unknown key" in errors
+    assert "backends.a.colour: unknown key" in errors
+    assert "server.port: 99999 is not a TCP port (0-65535)" in errors
+    assert any(e.startswith("timeouts.idle_s: ") for e in errors)
+    assert any(e.startswith("backends.b.max_in_flight: ") for e in errors)
+    assert "models.q.targets[0].backend: unknown backend 'gpu-z'" in errors
+    assert "models.q.fallbacks[0]: unknown model 'nope'" in errors
+    # backend b exists but did not decode: a reference to it is not an error of its own
+    assert not any("unknown backend 'b'" in e for e in errors)
+    assert 7 == len(errors)
+
+
+def test_version() -> None:
+    """--version prints the package's version and exits 0."""
+    result = run_cli("--version")
+    assert (0, f"inference-proxy {__version__}\n") == (result.returncode, result.stdout)
+
+
+def test_log_level_accepts_only_real_levels() -> None:
+    """An unknown --log-level is a usage error (exit 2, no traceback); case does not matter."""
+    bad = run_cli("--backend", "http://127.0.0.1:9", "--log-level", "verbose", "--check")
+    assert 2 == bad.returncode
+    assert "--log-level" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    good = run_cli("--backend", "http://127.0.0.1:9", "--log-level", "debug", "--check")
+    assert (0, "config ok\n") == (good.returncode, good.stdout)
+
+
+def test_taken_port_is_one_line_and_exit_1() -> None:
+    """Starting on a port another process holds: one line naming the address and why, exit 1."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_cli("--backend", "http://127.0.0.1:9", "--port", str(port))
+    assert 1 == result.returncode
+    assert "Traceback" not in result.stderr
+    expected = (
+        f"inference-proxy: cannot listen on 127.0.0.1:{port}: "
+        "the address is already in use (another process listens there)"
     )
-    second = run_cli("--config", str(bad), "--check")
-    assert 2 == second.returncode
-    assert "models.q.targets[0].backend: unknown backend 'gpu-z'" in second.stderr
-    assert "models.q.fallbacks[0]: unknown model 'nope'" in second.stderr
+    assert expected in result.stderr.splitlines()
 
 
 def test_unparsable_yaml_exits_2(tmp_path: Path) -> None:
@@ -163,5 +205,35 @@ def test_ctrl_c_stops_cleanly(sim_process) -> None:
     try:
         gw.proc.send_signal(signal.SIGINT)
         assert 0 == gw.finish()[0]
+    finally:
+        gw.stop()
+
+
+def health_ok(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        return read_all(sock, within_s=5).startswith(b"HTTP/1.1 200")
+
+
+def test_sighup_never_kills_a_serving_gateway(sim_process, tmp_path: Path) -> None:
+    """SIGHUP checks the file and logs what it found; the gateway keeps serving either way."""
+    config = tmp_path / "proxy.yaml"
+    config.write_text(f"backends:\n  gpu: {{url: '{sim_process}'}}\n")
+    gw = Running("--config", str(config))
+    try:
+        gw.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert gw.proc.poll() is None
+        assert health_ok(gw.port)
+        config.write_text("server: {prot: 1}\n")
+        gw.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert health_ok(gw.port)
+        gw.proc.send_signal(signal.SIGTERM)
+        status, stderr = gw.finish()
+        assert 0 == status
+        assert "SIGHUP: " + str(config) + " is valid" in stderr
+        assert "SIGHUP: " + str(config) + ": server.prot: unknown key" in stderr
+        assert "the running config stays" in stderr
     finally:
         gw.stop()

@@ -481,3 +481,28 @@ def test_check_of_a_missing_file_exits_2(
     err = capsys.readouterr().err
     assert err.startswith(f"config error: {path}: ")
     assert "No such file" in err
+
+
+def test_every_kind_of_error_in_one_run() -> None:
+    """Unknown keys do not hide type, value or cross-reference errors elsewhere in the file."""
+    errors = errors_of(
+        "server: {prot: 1, port: -1}\n"
+        "backends:\n"
+        "  a: {url: 'http://h:1', colour: red}\n"
+        "  b: {url: 'http://h:2', keepalive_s: soon}\n"
+        "models:\n"
+        "  q: {targets: [{backend: gpu-z}, {backend: b}, {backend: a}], fallbacks: [nope]}\n"
+    )
+    assert "server.prot: unknown key" in errors
+    assert "backends.a.colour: unknown key" in errors
+    assert "server.port: -1 is not a TCP port (0-65535)" in errors
+    assert any(e.startswith("backends.b.keepalive_s: ") for e in errors)
+    assert "models.q.targets[0].backend: unknown backend 'gpu-z'" in errors
+    assert "models.q.fallbacks[0]: unknown model 'nope'" in errors
+    assert 6 == len(errors)
+
+
+def test_a_broken_section_does_not_report_its_references() -> None:
+    """`backends` that is not a mapping is one error, not one more per target naming it."""
+    errors = errors_of("backends: [x]\nmodels:\n  q: {targets: [{backend: x}]}\n")
+    assert ["backends: expected a mapping of names to entries"] == errors

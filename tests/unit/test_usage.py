@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.usage import Usage, count_events, usage_in
+from proxy.usage import Usage, count_events, ends_stream, usage_in
 
 LF_STREAM = (
     b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
@@ -184,3 +184,25 @@ def test_usage_in_reads_anthropic_and_responses_names() -> None:
 def test_usage_with_only_completion_tokens() -> None:
     """A usage object with only completion tokens counts them, prompt as 0."""
     assert Usage(prompt=0, completion=4) == usage_in(b'{"usage":{"completion_tokens":4}}')
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected"),
+    [
+        (LF_STREAM, True),
+        (CRLF_STREAM, True),
+        (b"data: [DONE]\n\n", True),
+        (b"data:[DONE]\n\n", True),
+        (b"data: [DONE]", False),  # not terminated: the client cannot have read it as an event
+        (b"data: [DONE]\n", False),
+        (LF_STREAM[: -len(b"data: [DONE]\n\n")], False),  # the last token, no end marker
+        (b'event: message_stop\ndata: {"type":"message_stop"}\n\n', True),
+        (b'event: response.completed\ndata: {"type":"response.completed"}\n\n', True),
+        (b'data: {"error": {"type": "backend_timeout"}}\n\n', False),
+        (b'data: {"content": "[DONE]"}\n\ndata: {"x": 1}\n\n', False),  # the marker is not last
+        (b"", False),
+    ],
+)
+def test_ends_stream(tail: bytes, expected: bool) -> None:
+    """A stream is complete when its tail ends with the protocol's last event, terminated."""
+    assert expected == ends_stream(tail)
