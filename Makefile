@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 BACKEND_PORT ?= 8001
 
-.PHONY: install run test unit lint format typecheck bench soak real-backend lock clean
+.PHONY: install run test unit lint format typecheck bench soak real-backend lock lowest clean
 
 # Dependencies come from the lock files in requirements/ (exact versions and hashes, made by
 # `make lock`), so a fresh machine installs what was tested. The package itself is installed
@@ -82,6 +82,24 @@ lock:
 	$(PIP_COMPILE) -c requirements/test.txt -o requirements/runtime.txt pyproject.toml
 	$(PIP_COMPILE) -c requirements/test.txt --extra test --extra bench --build-deps-for editable \
 	  -o requirements/bench.txt pyproject.toml
+
+## Prove the lower bounds in pyproject.toml: the oldest allowed release of every runtime dependency
+# (uv's lowest-direct resolution), with the locked test tools, must pass the suite.
+LOWEST := .cache/lowest
+lowest:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet pip-tools==7.6.2 uv==0.13.8
+	mkdir -p $(LOWEST)
+	PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/uv pip compile --quiet --resolution lowest-direct \
+	  --index-url https://pypi.org/simple --python-version 3.11 pyproject.toml -o $(LOWEST)/runtime.txt
+	grep -E '^(pytest|pytest-aiohttp|pytest-asyncio|pytest-timeout|hypothesis|openai|anthropic|google-genai|mlflow-skinny|py-spy)==' \
+	  requirements/test.txt | cut -d' ' -f1 > $(LOWEST)/tools.txt
+	$(LOCK_VENV)/bin/uv venv --quiet --allow-existing -p $(PYTHON) $(LOWEST)/venv
+	PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/uv pip install --quiet --python $(LOWEST)/venv/bin/python \
+	  --index-url https://pypi.org/simple -r $(LOWEST)/runtime.txt -r $(LOWEST)/tools.txt
+	$(LOCK_VENV)/bin/uv pip install --quiet --python $(LOWEST)/venv/bin/python --no-deps -e .
+	INFERENCE_PROXY_SKIP_REAL_BACKEND=1 $(LOWEST)/venv/bin/python -m pytest -q -m "not real_backend" \
+	  --ignore=tests/integration/test_soak.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -91,3 +92,23 @@ def test_readme_quick_start_examples(demo) -> None:
     out = run_shell(curl[0].replace("8000", str(port)))
     assert out.rstrip().endswith("data: [DONE]")
     assert run_python(python[0].replace("8000", str(port))).strip()
+
+
+def test_make_run_on_a_taken_port_prints_no_banner() -> None:
+    """When another process holds the port, `make run`'s launcher says so and exits 1, with
+    no banner: the other process's answers never count as its own gateway's."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable, "-m", "bench.demo",
+                "--port", str(port), "--backend-port", str(free_port()),
+            ],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert 1 == result.returncode
+    assert "inference-proxy is running" not in result.stdout
+    assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in result.stderr
+    assert "Traceback" not in result.stderr
