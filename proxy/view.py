@@ -10,6 +10,7 @@ import re
 from typing import TypeVar
 
 import msgspec
+import orjson
 
 from proxy.errors import InvalidRequest
 
@@ -98,14 +99,49 @@ def peek_invocation(body: bytes) -> Invocation:
 
 
 def decode_object(body: bytes) -> dict[str, object]:
-    """Decode a whole JSON object body (for the routes that translate, not forward)."""
+    """Decode a whole JSON object body (for the routes that translate, not forward).
+
+    What the translators build from it is sent on with orjson, which holds integers of 64 bits
+    and nests 254 levels at most; a body past either is refused here, with the path of the value.
+    """
     try:
         value = _ANY.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _not_json(body, exc) from exc
+    except RecursionError:
+        raise InvalidRequest(_TOO_DEEP) from None
     if not isinstance(value, dict):
         raise InvalidRequest("request body must be a JSON object")
+    wrapped: object = value  # the translators nest a body's values a few levels deeper at most
+    for _ in range(_HEADROOM):
+        wrapped = [wrapped]
+    try:  # one C pass over the body
+        orjson.dumps(wrapped)
+    except orjson.JSONEncodeError:
+        raise InvalidRequest(_unencodable(value)) from None
     return value
+
+
+_TOO_DEEP = "request body nests too deeply"
+_HEADROOM = 14  # levels of orjson's 254 kept free: a body may nest 240 deep
+_MAX_DEPTH = 240
+
+
+def _unencodable(value: object) -> str:
+    """Where a decoded body holds what orjson cannot write, in our words (the failure path)."""
+    stack: list[tuple[object, str, int]] = [(value, "", 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, int) and not -(2**63) <= item < 2**64:
+            return f"{path or 'request body'}: integer does not fit in 64 bits"
+        if depth > _MAX_DEPTH and isinstance(item, dict | list):
+            return f"request body nests deeper than {_MAX_DEPTH} levels"
+        if isinstance(item, dict):
+            prefix = f"{path}." if path else ""
+            stack.extend((v, f"{prefix}{k}", depth + 1) for k, v in reversed(item.items()))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in reversed(list(enumerate(item))))
+    return _TOO_DEEP
 
 
 def _decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
@@ -118,6 +154,8 @@ def _decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
         raise InvalidRequest(f"request body must be a JSON object ({_lower(exc)})") from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _not_json(body, exc) from exc
+    except RecursionError:  # msgspec's own limit on nesting (about a thousand levels)
+        raise InvalidRequest(_TOO_DEEP) from None
 
 
 def _not_json(body: bytes, exc: Exception) -> InvalidRequest:

@@ -72,9 +72,13 @@ class JsonObject:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidRequest(f"{path}: {_expected('a number', value)}")
-        if whole and not float(value).is_integer():
+        if not whole:
+            return value
+        if isinstance(value, float) and not value.is_integer():  # inf too
             raise InvalidRequest(f"{path}: expected a whole number, got {value}")
-        return int(value) if whole else value
+        if not -(2**63) <= value < 2**63:  # what a chat request carries (float() of more fails)
+            raise InvalidRequest(f"{path}: expected a whole number of 64 bits or fewer")
+        return int(value)
 
 
 def _expected(what: str, value: object) -> str:

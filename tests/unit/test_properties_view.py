@@ -4,8 +4,11 @@ rewrites change the `model` value and nothing else."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import msgspec
+import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -65,7 +68,15 @@ def bodies() -> st.SearchStrategy[bytes]:
     """Bytes of every kind: random, JSON of any value, objects with the real keys, and cut-offs."""
     encoded = JSON.flatmap(encodings) | OBJECTS.flatmap(encodings)
     cut = encoded.flatmap(lambda b: st.integers(0, len(b)).map(lambda n: b[:n]))
-    return st.binary(max_size=64) | encoded | cut
+    return st.binary(max_size=64) | encoded | cut | DEEP
+
+
+# Nesting near each limit: orjson's 254 levels, and msgspec's own of about a thousand.
+DEEP = st.tuples(
+    st.sampled_from([b'{"model": "m", "x": ', b'{"model": "m", "stream": ', b'{"messages": ', b""]),
+    st.sampled_from([230, 239, 240, 241, 254, 255, 1000, 5000]),
+    st.sampled_from([(b"[", b"]"), (b'{"a":', b"}")]),
+).map(lambda t: t[0] + t[2][0] * t[1] + b"1" + t[2][1] * t[1] + (b"}" if t[0] else b""))
 
 
 @FAST
@@ -101,6 +112,57 @@ def test_decode_object_gives_a_dict_or_invalid_request(body: bytes) -> None:
     except InvalidRequest:
         return
     assert isinstance(value, dict)
+
+
+@FAST
+@given(bodies() | OBJECTS.map(lambda d: {**d, "n": 2**64}).flatmap(encodings))
+def test_decode_object_gives_what_orjson_can_send_on(body: bytes) -> None:
+    """A decoded object encodes with orjson even nested 14 levels deeper, as translators nest it."""
+    try:
+        value: object = decode_object(body)
+    except InvalidRequest:
+        return
+    for _ in range(14):
+        value = [value]
+    orjson.dumps(value)
+
+
+@pytest.mark.parametrize("decode", [peek, peek_invocation, decode_object])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"model": "m", "stream": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ],
+)
+def test_a_body_nested_past_msgspecs_limit_is_a_400(
+    decode: Callable[[bytes], object], body: bytes
+) -> None:
+    """Five thousand levels of nesting are a 400 saying so (msgspec's RecursionError was a 500)."""
+    with pytest.raises(InvalidRequest) as caught:
+        decode(body)
+    assert "request body nests too deeply" == caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"a": [1, {"b": 18446744073709551616}]}', "a[1].b: integer does not fit in 64 bits"),
+        (b'{"n": -9223372036854775809}', "n: integer does not fit in 64 bits"),
+        (b'{"a": ' + b"[" * 240 + b"]" * 240 + b"}", "request body nests deeper than 240 levels"),
+    ],
+)
+def test_decode_object_refuses_what_orjson_cannot_send_on(body: bytes, message: str) -> None:
+    """A big integer or deep nesting in a translated body is a 400 (orjson's TypeError was a 500)."""
+    with pytest.raises(InvalidRequest) as caught:
+        decode_object(body)
+    assert message == caught.value.message
+
+
+def test_decode_object_takes_the_64_bit_extremes() -> None:
+    """The smallest signed and largest unsigned 64-bit integers are carried as sent."""
+    body = b'{"a": -9223372036854775808, "b": 18446744073709551615}'
+    assert {"a": -(2**63), "b": 2**64 - 1} == decode_object(body)
 
 
 @FAST
