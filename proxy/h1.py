@@ -110,8 +110,9 @@ class Response:
 
     @property
     def done(self) -> bool:
-        """Whether the body has ended (or failed)."""
-        return self._done
+        """Whether the body has been read to its end. A failed body is never done: its
+        reader goes on to `wait()` or `read_chunk()`, which raise the failure."""
+        return self._done and self._error is None
 
     def wake(self) -> None:
         """Return control to the task waiting in `wait()`."""
@@ -224,8 +225,13 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            # A head followed by garbage in the same read fails the head: the client gets a 502.
             self._fail(BackendUnreachable(f"backend sent malformed HTTP ({exc})"))
             self.abort()
+            return
+        head, response = self.head, self.response
+        if head is not None and response is not None and response.status and not head.done():
+            head.set_result(response)  # the head is in (status set), and all read with it parsed
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows
@@ -252,8 +258,6 @@ class Connection(asyncio.Protocol):
             self.keep_alive = False
             self.complete = True
             response._finish()
-        if not self.head.done():
-            self.head.set_result(response)
 
     def on_body(self, body: bytes) -> None:
         assert self.response is not None
