@@ -47,9 +47,13 @@ def page(items: list[dict[str, object]], token: str | None, size: int) -> dict[s
     start = 0
     if token:
         try:
-            start = int(base64.urlsafe_b64decode(token.encode()).decode())
+            offset = base64.urlsafe_b64decode(token.encode()).decode()
         except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
             raise InvalidRequest("page_token is not one this gateway gave out") from exc
+        # The tokens given out hold a plain offset; int() would also take "-1", " 2" or "1_0".
+        if not (offset.isascii() and offset.isdigit()):
+            raise InvalidRequest("page_token is not one this gateway gave out")
+        start = int(offset)
     body: dict[str, object] = {"endpoints": items[start : start + size]}
     if start + size < len(items):
         body["next_page_token"] = base64.urlsafe_b64encode(str(start + size).encode()).decode()

@@ -7,7 +7,7 @@ values. An answer that does not fit is the backend's fault, not the client's: it
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import orjson
@@ -43,9 +43,14 @@ class Choice(msgspec.Struct, frozen=True):
     stop: str | int | None = None
 
 
+# A token count is never negative, and two of them add up within 64 bits (translators report
+# the total, and orjson writes 64-bit integers only): a count past that is a malformed answer.
+TokenCount = Annotated[int, msgspec.Meta(ge=0, lt=2**62)]
+
+
 class Usage(msgspec.Struct, frozen=True):
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    prompt_tokens: TokenCount | None = None
+    completion_tokens: TokenCount | None = None
 
 
 class Completion(msgspec.Struct, frozen=True):

@@ -39,7 +39,7 @@ OBJECT = st.dictionaries(TEXT, JSON, max_size=3)
 
 
 def shaped(
-    required: dict[str, st.SearchStrategy[Any]], **optional: st.SearchStrategy[Any]
+    required: dict[str, st.SearchStrategy[Any]], /, **optional: st.SearchStrategy[Any]
 ) -> st.SearchStrategy[dict[str, Any]]:
     """An object with the real field names and plausible values (`mutated` spoils one of them)."""
     return st.fixed_dictionaries(required, optional=optional)
