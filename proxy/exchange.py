@@ -26,6 +26,7 @@ class Exchange:
         "events",
         "first_byte_at",
         "model_label",
+        "open_event",
         "principal",
         "request_id",
         "route",
@@ -56,6 +57,7 @@ class Exchange:
         self.error_type: str | None = None
         self.stream_error: str | None = None  # the error type a begun response ended with
         self.stream_complete = False  # its protocol's last event reached the client
+        self.open_event = False  # the bytes relayed so far end inside an SSE event
         self.event_gap: float | None = None  # mean seconds between a stream's events
 
 

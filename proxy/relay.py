@@ -11,7 +11,7 @@ from proxy.errors import ProxyError, sse_error
 from proxy.exchange import Exchange
 from proxy.h1 import Response
 from proxy.headers import downstream_headers, is_event_stream
-from proxy.usage import TAIL_BYTES, count_events, ends_stream, usage_in
+from proxy.usage import TAIL_BYTES, count_events, ends_event, ends_stream, usage_in
 
 # Bytes waiting for a slow client before the backend is paused, and resumed.
 _CLIENT_HIGH_WATER = 256 * 1024
@@ -37,7 +37,9 @@ async def start(
         return web.Response(status=upstream.status, headers=headers, body=whole), True
     response = web.StreamResponse(status=upstream.status, headers=headers)
     length = upstream.header(b"content-length")
-    if length is not None and length.isdigit():
+    if length is not None and length.isdigit() and not ex.sse:
+        # An event stream goes out chunked whatever its length: a stream that fails must
+        # still be able to end with its error event.
         response.content_length = int(length)
     await response.prepare(request)
     if not upstream.has_body_bytes():
@@ -163,6 +165,7 @@ async def pump(
         tail = sink.before_last[-TAIL_BYTES:] + sink.last[-TAIL_BYTES:]
         ex.usage = usage_in(tail)
         ex.stream_complete = ex.sse and ends_stream(tail)
+        ex.open_event = ex.sse and bool(tail) and not ends_event(tail)
     return await finish(response, ex)
 
 
@@ -190,8 +193,11 @@ async def end_with_error(
     """A stream that broke after it began: one last error event, or a cut connection."""
     ex.error_type = ex.stream_error = err.type
     if ex.sse:
+        # A stream cut inside an event gets that event closed first, so the error event
+        # parses as one of its own.
+        close_event = b"\n\n" if ex.open_event else b""
         try:
-            await response.write(sse_error(err, ex.dialect))
+            await response.write(close_event + sse_error(err, ex.dialect))
             await response.write_eof()
         except ConnectionError:
             ex.client_gone = True

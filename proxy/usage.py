@@ -47,13 +47,18 @@ def _terminators(data: bytes) -> int:
 _END_MARKERS = (b"[DONE]", b"message_stop", b"response.completed")
 
 
+def ends_event(tail: bytes) -> bool:
+    """Whether an SSE body's tail ends at an event boundary (a blank line)."""
+    return tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+
+
 def ends_stream(tail: bytes) -> bool:
     """Whether an SSE body's tail ends with its protocol's last event, terminated.
 
     A client may close as soon as it has read that event (the openai SDK does, after
     `data: [DONE]`), before the backend's own end of body arrives; such a stream is complete.
     """
-    if not tail.endswith((b"\n\n", b"\r\n\r\n")):
+    if not ends_event(tail):
         return False
     body = tail.rstrip(b"\r\n")
     start = max(body.rfind(b"\n\n"), body.rfind(b"\r\n\r\n"))

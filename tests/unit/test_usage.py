@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.usage import Usage, count_events, ends_stream, usage_in
+from proxy.usage import Usage, count_events, ends_event, ends_stream, usage_in
 
 LF_STREAM = (
     b'data: {"choices":[{"delta":{"content":"Hel"}}]}\n\n'
@@ -206,3 +206,18 @@ def test_usage_with_only_completion_tokens() -> None:
 def test_ends_stream(tail: bytes, expected: bool) -> None:
     """A stream is complete when its tail ends with the protocol's last event, terminated."""
     assert expected == ends_stream(tail)
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected"),
+    [
+        (b"data: x\n\n", True),
+        (b"data: x\r\n\r\n", True),
+        (b"data: x\r\r", True),
+        (b"data: x\n", False),
+        (b'data: {"choices":[{"index', False),
+    ],
+)
+def test_ends_event(tail: bytes, expected: bool) -> None:
+    """A tail ends at an event boundary only after a blank line, in any SSE line ending."""
+    assert expected == ends_event(tail)
