@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import uvloop
-from aiohttp import web
 
 from proxy import __version__
-from proxy.app import create_app, make_runner
+from proxy.app import create_app, serve_app
 from proxy.config import Config, ConfigError, backend_only_config, load_config, with_listen
 from proxy.notify import notify
 
@@ -81,22 +80,19 @@ def raise_open_files_limit() -> None:
 
 async def serve(config: Config, config_path: Path | None) -> None:
     """Run the gateway until SIGTERM or SIGINT, then let requests in flight finish."""
-    runner = make_runner(create_app(config, access_log=sys.stdout.buffer), config)
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port, backlog=4096)
+    app = create_app(config, access_log=sys.stdout.buffer)
+    host, port = config.server.host, config.server.port
     try:
-        await site.start()
+        serving = await serve_app(app, config, host, port)
     except OSError as exc:
-        await runner.cleanup()
-        raise CannotListen(listen_failure(config.server.host, config.server.port, exc)) from exc
+        raise CannotListen(listen_failure(host, port, exc)) from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hangup, config_path)
-    for address in runner.addresses:
-        host, port = address[0], address[1]
-        logger.info("inference-proxy listening on http://%s:%s", _host(host), port)
+    for address in serving.addresses:
+        logger.info("inference-proxy listening on http://%s:%s", _host(address[0]), address[1])
     models = ", ".join(config.models) if config.models else "as the backends list them"
     backends = ", ".join(f"{n}={b.url}" for n, b in config.backends.items())
     logger.info("backends: %s; models: %s", backends, models)
@@ -104,7 +100,7 @@ async def serve(config: Config, config_path: Path | None) -> None:
     await stop.wait()
     notify(os.environ, "STOPPING=1")
     logger.info("stopping: letting requests in flight finish (up to %ss)", config.server.drain_s)
-    await runner.cleanup()
+    await serving.close(config.server.drain_s)
     logger.info("stopped")
 
 

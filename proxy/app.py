@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
@@ -13,6 +14,7 @@ from proxy.accesslog import AccessLog
 from proxy.auth import KeySet
 from proxy.config import Config
 from proxy.health import health_checks
+from proxy.listener import GuardedServer, close, listen
 from proxy.metrics import Metrics
 from proxy.middleware import gateway_middleware
 from proxy.routes import add_routes
@@ -65,10 +67,51 @@ def create_app(
 
 
 def make_runner(app: web.Application, config: Config) -> web.AppRunner:
-    """The runner every gateway is served by (the tests use it too)."""
-    return web.AppRunner(
-        app,
-        handler_cancellation=True,  # a client that goes away cancels its request at once
+    """The runner that sets the app up and cleans it up (connections are served by the
+    `GuardedServer` that `serve_app` builds on it)."""
+    return web.AppRunner(app, handler_cancellation=True, access_log=None)
+
+
+class Serving:
+    """A gateway listening on its socket: its addresses, and how it stops."""
+
+    def __init__(
+        self, runner: web.AppRunner, server: GuardedServer, listener: asyncio.Server
+    ) -> None:
+        self.runner = runner
+        self.server = server
+        self.listener = listener
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for s in self.listener.sockets]
+
+    async def close(self, drain_s: float) -> None:
+        """Refuse new connections, let requests in flight finish for up to `drain_s`, then
+        close the app's resources."""
+        await close(self.listener, self.server, drain_s)
+        await self.runner.cleanup()
+
+
+async def serve_app(app: web.Application, config: Config, host: str, port: int) -> Serving:
+    """Set the app up and listen on host:port; raises OSError when the socket cannot open."""
+    runner = make_runner(app, config)
+    await runner.setup()
+    s = config.server
+    server = GuardedServer(
+        runner,
+        header_timeout_s=s.header_timeout_s,
+        max_connections=s.max_connections,
         access_log=None,  # the middleware writes the access log
-        shutdown_timeout=config.server.drain_s,
+        keepalive_timeout=s.keepalive_s,
+        # A body left unread (413, 408) is read and dropped for at most this long before the
+        # connection closes, so the client sees the answer rather than a reset (aiohttp: 10 s).
+        lingering_time=1.0,
     )
+    app[STATE].clients = server
+    try:
+        listener = await listen(server, host, port)
+    except OSError:
+        await runner.cleanup()
+        raise
+    return Serving(runner, server, listener)

@@ -9,6 +9,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from proxy.errors import PayloadTooLarge, RequestTimeout
 from proxy.exchange import ClientGone
 from proxy.middleware import EXCHANGE
 from proxy.routing import UNKNOWN_MODEL
@@ -25,9 +26,23 @@ async def begin(request: web.Request) -> tuple[bytes, float]:
     state, ex = request.app[STATE], request[EXCHANGE]
     ex.model_label = UNKNOWN_MODEL  # until routing names a configured one
     budget = request_budget(request.headers.get(TIMEOUT_HEADER), state.config.timeouts)
-    deadline = asyncio.get_running_loop().time() + budget - (time.perf_counter() - ex.started)
+    now = asyncio.get_running_loop().time()
+    deadline = now + budget - (time.perf_counter() - ex.started)
+    length = request.content_length
+    if length is not None and length > state.max_body:
+        raise PayloadTooLarge(
+            f"request body of {length} bytes is over the gateway's limit of {state.max_body} "
+            "bytes (server.max_body_mb)"
+        )
+    body_by = min(deadline, now + state.config.server.body_timeout_s)
     try:
-        body = await request.read()
+        async with asyncio.timeout_at(body_by):
+            body = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            "the request body did not arrive in time (server.body_timeout_s, or the request's "
+            "deadline); send it whole and promptly"
+        ) from None
     except (ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError) as exc:
         raise ClientGone from exc
     ex.bytes_in = len(body)

@@ -37,6 +37,11 @@ class ServerConfig(_Section, frozen=True):
     max_body_mb: float = 32.0
     drain_s: float = 30.0
     access_log: bool = True
+    # What a client without a key can hold open (docs/security.md).
+    header_timeout_s: float = 10.0  # a new connection's first request head must arrive by then
+    body_timeout_s: float = 60.0  # the whole body, and never past the request's deadline
+    keepalive_s: float = 30.0  # an idle kept-alive client connection is closed after this
+    max_connections: int = 10000  # open client connections; see proxy/listener.py
 
 
 class TimeoutsConfig(_Section, frozen=True):
@@ -201,6 +206,13 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
         errors.append("server.max_body_mb: must be a positive number")
     if not (math.isfinite(s.drain_s) and s.drain_s >= 0):
         errors.append("server.drain_s: must be a number, 0 or more")
+    errors.extend(
+        f"server.{name}: must be a positive number"
+        for name in ("header_timeout_s", "body_timeout_s", "keepalive_s")
+        if not _positive(getattr(s, name))
+    )
+    if s.max_connections < 1:
+        errors.append("server.max_connections: must be at least 1")
     errors.extend(
         f"timeouts.{name}: must be a positive number"
         for name in ("request_s", "max_request_s", "connect_s", "idle_s")

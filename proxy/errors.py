@@ -63,6 +63,13 @@ class MethodNotAllowed(ProxyError):
     google_status = "INVALID_ARGUMENT"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "request_timeout"
+    anthropic_type = "invalid_request_error"
+    google_status = "DEADLINE_EXCEEDED"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "payload_too_large"

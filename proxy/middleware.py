@@ -20,6 +20,7 @@ from proxy.errors import (
     NotFound,
     PayloadTooLarge,
     ProxyError,
+    RequestTimeout,
     envelope,
     error_headers,
 )
@@ -62,12 +63,15 @@ def error_response(err: ProxyError, ex: Exchange) -> web.Response:
     ex.error_type = err.type
     headers = error_headers(err)
     headers[REQUEST_ID] = ex.request_id
-    return web.Response(
+    response = web.Response(
         status=err.status,
         body=envelope(err, ex.dialect),
         content_type="application/json",
         headers=headers,
     )
+    if isinstance(err, PayloadTooLarge | RequestTimeout):
+        response.force_close()  # the rest of the body is never read: the connection ends here
+    return response
 
 
 def from_http_exception(exc: web.HTTPException) -> ProxyError:
@@ -97,6 +101,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         dialect=dialect_of(request.path),
     )
     request[EXCHANGE] = ex
+    clients = state.clients
+    if clients is not None:
+        clients.request_started(request.protocol)
     try:
         if request.path not in state.open_paths:
             query_key = request.query.get("key") if ex.dialect == "gemini" else None
@@ -120,6 +127,8 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         logger.exception("unhandled error on %s %s", request.method, request.path[:200])
         return error_response(ProxyError("the gateway failed on this request; see its log"), ex)
     finally:
+        if clients is not None:
+            clients.request_finished(request.protocol)
         left: str | None = None  # where the client was when it went away
         if ex.client_gone and ex.stream_complete:
             ex.client_gone = False  # it left after the last event: a complete answer

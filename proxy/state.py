@@ -10,6 +10,7 @@ from aiohttp import web
 from proxy.accesslog import AccessLog
 from proxy.auth import KeySet
 from proxy.config import Config
+from proxy.listener import GuardedServer
 from proxy.metrics import Metrics
 from proxy.upstream import Backend
 
@@ -37,6 +38,8 @@ class GatewayState:
         # Model ids the backends listed (no-models mode): the only ones used as metric labels.
         self.known_models: set[str] = set()
         self.healthy: dict[str, bool] = dict.fromkeys(config.backends, False)
+        # The server guarding client connections, once the gateway listens.
+        self.clients: GuardedServer | None = None
 
 
 STATE: web.AppKey[GatewayState] = web.AppKey("state", GatewayState)

@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 import uvloop
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.app import create_app, make_runner
+from proxy.app import Serving, create_app, serve_app
 from proxy.config import Config, load_config
 from proxy.state import STATE, GatewayState
 from tests.fakes import FakeUpstream
@@ -41,7 +40,7 @@ class Upstream:
 class Gateway:
     url: str
     state: GatewayState
-    runner: web.AppRunner
+    serving: Serving
     access_log: io.BytesIO
 
     def access_lines(self) -> list[bytes]:
@@ -72,24 +71,22 @@ async def upstream(upstream_factory: Callable[[], Coroutine[Any, Any, Upstream]]
 
 @pytest.fixture
 async def gateway_factory() -> AsyncIterator[Callable[..., Coroutine[Any, Any, Gateway]]]:
-    runners: list[web.AppRunner] = []
+    started: list[Gateway] = []
 
     async def make(config: Config | str, env: dict[str, str] | None = None) -> Gateway:
         if isinstance(config, str):
             config = load_config(config)
         log = io.BytesIO()
         app = create_app(config, env or {}, access_log=log)
-        runner = make_runner(app, config)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        runners.append(runner)
-        port = runner.addresses[0][1]
-        return Gateway(f"http://127.0.0.1:{port}", app[STATE], runner, log)
+        serving = await serve_app(app, config, "127.0.0.1", 0)
+        port = serving.addresses[0][1]
+        gateway = Gateway(f"http://127.0.0.1:{port}", app[STATE], serving, log)
+        started.append(gateway)
+        return gateway
 
     yield make
-    for runner in runners:
-        await runner.cleanup()
+    for gateway in started:
+        await gateway.serving.close(gateway.state.config.server.drain_s)
 
 
 MLFLOW_KEY = "sk-mlflow"

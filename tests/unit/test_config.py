@@ -506,3 +506,28 @@ def test_a_broken_section_does_not_report_its_references() -> None:
     """`backends` that is not a mapping is one error, not one more per target naming it."""
     errors = errors_of("backends: [x]\nmodels:\n  q: {targets: [{backend: x}]}\n")
     assert ["backends: expected a mapping of names to entries"] == errors
+
+
+@pytest.mark.parametrize(
+    ("server", "error"),
+    [
+        ("header_timeout_s: 0", "server.header_timeout_s: must be a positive number"),
+        ("body_timeout_s: -1", "server.body_timeout_s: must be a positive number"),
+        ("keepalive_s: .nan", "server.keepalive_s: must be a positive number"),
+        ("max_connections: 0", "server.max_connections: must be at least 1"),
+    ],
+)
+def test_client_limits_must_be_positive(server: str, error: str) -> None:
+    """The limits on client connections are checked like every other value."""
+    assert [error] == errors_of(f"server: {{{server}}}\nbackends: {{a: {{url: 'http://h:1'}}}}\n")
+
+
+def test_client_limits_have_safe_defaults() -> None:
+    """With no server section, every client limit is on."""
+    server = load_config("backends: {a: {url: 'http://h:1'}}\n").server
+    assert (10.0, 60.0, 30.0, 10000) == (
+        server.header_timeout_s,
+        server.body_timeout_s,
+        server.keepalive_s,
+        server.max_connections,
+    )

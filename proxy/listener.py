@@ -1,0 +1,134 @@
+"""The listening socket and the guard on client connections: what a client without a key
+can hold open, and for how long.
+
+aiohttp's server keeps a connection that never completes a request head for as long as its
+keep-alive timeout, and has no cap on connections. `GuardedServer` (aiohttp's low-level
+server, told of every connection's birth and end) adds both:
+
+- a head timeout: a new connection must complete its first request head within
+  `server.header_timeout_s`, else it is closed (later requests on a kept-alive connection are
+  bounded by `server.keepalive_s`, aiohttp's own idle timeout);
+- a connection cap, `server.max_connections`: at the cap, the connection that has waited
+  longest without a request in progress is closed to make room (so a flood of idle or
+  slow-header connections cannot lock out a health probe); when every connection is busy
+  with a request, the new one is refused. Either is logged, at most once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+logger = logging.getLogger("proxy")
+
+_LOG_EVERY_S = 1.0
+
+
+class GuardedServer(web.Server):
+    """aiohttp's server for the app a runner set up, with head timeouts and a connection cap."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        *,
+        header_timeout_s: float,
+        max_connections: int,
+        **handler_options: Any,
+    ) -> None:
+        app_server = runner.server
+        assert app_server is not None, "runner.setup() first"
+        super().__init__(
+            app_server.request_handler,
+            request_factory=app_server.request_factory,
+            handler_cancellation=app_server.handler_cancellation,
+            **handler_options,
+        )
+        self.header_timeout_s = header_timeout_s
+        self.max_connections = max_connections
+        # Open connections with no request in progress, oldest first: waiting for their
+        # first head (with its timer) or idle between requests (None).
+        self.idle: dict[RequestHandler, asyncio.TimerHandle | None] = {}
+        self.busy: set[RequestHandler] = set()
+        self.refused = self.evicted = 0
+        self._logged_at = -_LOG_EVERY_S
+
+    # aiohttp calls these as each connection opens and closes.
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if len(self.idle) + len(self.busy) >= self.max_connections and not self._evict():
+            self.refused += 1
+            self._log_cap("refused a new connection: every open one has a request in progress")
+            transport.abort()
+            return
+        loop = asyncio.get_running_loop()
+        self.idle[handler] = loop.call_later(self.header_timeout_s, self._head_timeout, handler)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        timer = self.idle.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+        self.busy.discard(handler)
+
+    # The gateway's middleware calls these around every request.
+    def request_started(self, handler: object) -> None:
+        """A request head arrived on this connection: it is busy, and its head timer stops."""
+        if isinstance(handler, RequestHandler) and handler in self.idle:
+            timer = self.idle.pop(handler)
+            if timer is not None:
+                timer.cancel()
+            self.busy.add(handler)
+
+    def request_finished(self, handler: object) -> None:
+        """The request ended; its connection may wait for the next one (keep-alive)."""
+        if isinstance(handler, RequestHandler) and handler in self.busy:
+            self.busy.discard(handler)
+            self.idle[handler] = None
+
+    def _head_timeout(self, handler: RequestHandler) -> None:
+        if self.idle.pop(handler, False) is not False:
+            handler.force_close()
+
+    def _evict(self) -> bool:
+        """Close the connection that has waited longest with no request in progress."""
+        for handler in self.idle:
+            timer = self.idle.pop(handler)
+            if timer is not None:
+                timer.cancel()
+            handler.force_close()
+            self.evicted += 1
+            self._log_cap("closed the longest-idle connection to make room for a new one")
+            return True
+        return False
+
+    def _log_cap(self, action: str) -> None:
+        now = time.monotonic()
+        if now - self._logged_at >= _LOG_EVERY_S:
+            self._logged_at = now
+            logger.warning(
+                "client connection cap reached (server.max_connections = %d): %s "
+                "(so far %d refused, %d idle ones closed)",
+                self.max_connections,
+                action,
+                self.refused,
+                self.evicted,
+            )
+
+
+async def listen(server: GuardedServer, host: str, port: int) -> asyncio.Server:
+    """Open the listening socket; every connection goes through the guarded server."""
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(server, host, port, backlog=4096)
+
+
+async def close(listener: asyncio.Server, server: GuardedServer, drain_s: float) -> None:
+    """Stop accepting, then let requests in flight finish for up to `drain_s` seconds."""
+    listener.close()
+    await asyncio.sleep(0)  # requests that were arriving as the socket closed get handled
+    server.pre_shutdown()
+    await server.shutdown(drain_s)
