@@ -60,7 +60,9 @@ def _slots(value: Any) -> list[tuple[Any, Any]]:
 
 
 @st.composite
-def mutated(draw: st.DrawFn, base: st.SearchStrategy[Any]) -> Any:
+def mutated(
+    draw: st.DrawFn, base: st.SearchStrategy[Any], junk: st.SearchStrategy[Any] = JSON
+) -> Any:
     """A plausible value with up to two of its slots spoilt: replaced by junk, or removed."""
     value = draw(base)
     for _ in range(draw(st.integers(0, 2))):
@@ -69,7 +71,7 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[Any]) -> Any:
             break
         container, key = draw(st.sampled_from(slots))
         if draw(st.booleans()) or isinstance(container, list):
-            container[key] = draw(JSON)
+            container[key] = draw(junk)
         else:
             del container[key]
     return value
