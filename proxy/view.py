@@ -150,8 +150,8 @@ def _decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
         raise InvalidRequest("request body is empty: send a JSON object")
     try:
         return decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"request body must be a JSON object ({_lower(exc)})") from exc
+    except msgspec.ValidationError:  # the views take any value, so only the top level can fail
+        raise InvalidRequest(f"request body must be a JSON object, not {_kind(body)}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise _not_json(body, exc) from exc
     except RecursionError:  # msgspec's own limit on nesting (about a thousand levels)
@@ -167,6 +167,15 @@ def _not_json(body: bytes, exc: Exception) -> InvalidRequest:
     except UnicodeDecodeError:
         return InvalidRequest("request body is not valid UTF-8")
     return InvalidRequest(f"request body is not valid JSON ({_lower(exc)})")
+
+
+_KINDS = {ord("["): "an array", ord('"'): "a string", ord("t"): "a boolean", ord("f"): "a boolean"}
+
+
+def _kind(body: bytes) -> str:
+    """The JSON type of a valid JSON body that is not an object, by its first byte."""
+    first = body.lstrip()[:1]
+    return "null" if first == b"n" else _KINDS.get(first[0], "a number") if first else "nothing"
 
 
 def _lower(exc: Exception) -> str:

@@ -195,41 +195,42 @@ def test_values_that_would_blow_up_are_refused(template: str, reason: str) -> No
     assert f"chat_template: {reason}" == refusal(template)
 
 
+# (template, what our message starts with, the line it names). Jinja's and Python's own words
+# follow our prefix and are not checked; the class name and the line are ours.
 ERRORS = [
-    ("{% if %}", "chat_template: Expected an expression, got 'end of statement block' (line 1)"),
-    (
-        "line one\n{% for m in messages %}\n{% endif %}",
-        "chat_template: Encountered unknown tag 'endif'. Jinja was looking for the following "
-        "tags: 'endfor' or 'else'. The innermost block that needs to be closed is 'for'. (line 3)",
-    ),
-    ("{{ messages|center(80) }}", "chat_template: No filter named 'center'. (line 1)"),
-    (
-        "\n\n{{ add_generation_prompt }}",
-        "chat_template: 'add_generation_prompt' is undefined (line 3)",
-    ),
-    ("{{ messages[0].name }}", "chat_template: 'dict object' has no attribute 'name' (line 1)"),
-    ("{{ 1 / 0 }}", "chat_template: ZeroDivisionError: division by zero (line 1)"),
-    (
-        "{{ raise_exception('roles must alternate') }}",
-        "chat_template: roles must alternate (line 1)",
-    ),
-    (
-        "{% include 'other.jinja' %}",
-        "chat_template: TypeError: no loader for this environment specified (line 1)",
-    ),
+    ("{% if %}", "chat_template: ", 1),
+    ("line one\n{% for m in messages %}\n{% endif %}", "chat_template: ", 3),
+    ("{{ messages|center(80) }}", "chat_template: ", 1),
+    ("\n\n{{ add_generation_prompt }}", "chat_template: ", 3),
+    ("{{ messages[0].name }}", "chat_template: ", 1),
+    ("{{ 1 / 0 }}", "chat_template: ZeroDivisionError: ", 1),
+    ("{{ raise_exception('roles must alternate') }}", "chat_template: roles must alternate", 1),
+    ("{% include 'other.jinja' %}", "chat_template: TypeError: ", 1),
 ]
 
 
-@pytest.mark.parametrize(("template", "message"), ERRORS)
-def test_template_errors_are_400s_with_their_line(template: str, message: str) -> None:
-    """Syntax errors, unknown filters, undefined names and runtime errors name the problem."""
-    assert message == refusal(template)
+@pytest.mark.parametrize(("template", "prefix", "line"), ERRORS)
+def test_template_errors_are_400s_with_their_line(template: str, prefix: str, line: int) -> None:
+    """Syntax errors, unknown filters, undefined names and runtime errors are 400s that say
+    they are the template's, name the line, and (for Python's errors) the error's class."""
+    message = refusal(template)
+    assert prefix == message[: len(prefix)]
+    assert f" (line {line})" == message[-len(f" (line {line})") :]
+    if prefix == "chat_template: ":
+        assert message[len(prefix) : -len(f" (line {line})")].strip()  # Jinja says what is wrong
+
+
+def test_raise_exception_carries_the_templates_own_words() -> None:
+    """`raise_exception(text)` is a 400 whose message is exactly the template's text and line."""
+    assert "chat_template: roles must alternate (line 1)" == refusal(
+        "{{ raise_exception('roles must alternate') }}"
+    )
 
 
 def test_recursion_is_a_400() -> None:
     """A macro that calls itself forever is a 400, not a crash."""
     message = refusal("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}")
-    assert message.startswith("chat_template: RecursionError: maximum recursion depth exceeded")
+    assert message.startswith("chat_template: RecursionError: ")
 
 
 @pytest.mark.parametrize(

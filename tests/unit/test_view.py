@@ -76,13 +76,22 @@ def test_peek_rejects_bad_bodies(body: bytes, message_part: str) -> None:
     assert message_part in caught.value.message
 
 
-def test_peek_message_names_the_json_type() -> None:
-    """A body that is JSON but not an object says what it is."""
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        (b"[1, 2]", "an array"),
+        (b' "model"', "a string"),
+        (b"42", "a number"),
+        (b"-1.5", "a number"),
+        (b"true", "a boolean"),
+        (b"null", "null"),
+    ],
+)
+def test_peek_message_names_the_json_type(body: bytes, kind: str) -> None:
+    """A body that is JSON but not an object says, in our words, what it is."""
     with pytest.raises(InvalidRequest) as caught:
-        peek(b"[1, 2]")
-    assert "request body must be a JSON object (expected `object`, got `array`)" == (
-        caught.value.message
-    )
+        peek(body)
+    assert f"request body must be a JSON object, not {kind}" == caught.value.message
 
 
 # --- decode_object -----------------------------------------------------------------------
