@@ -16,7 +16,7 @@ from proxy.config import Config, ConfigError, load_config
 from tests.unit.test_properties_json import mutated
 
 FAST = settings(
-    max_examples=200,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,

@@ -23,7 +23,7 @@ from proxy.headers import (
 from proxy.timeouts import request_budget
 
 FAST = settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,

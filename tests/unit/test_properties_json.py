@@ -13,7 +13,7 @@ from proxy.errors import InvalidRequest
 from proxy.translate.json_object import JsonObject
 
 FAST = settings(
-    max_examples=200,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,

@@ -15,7 +15,7 @@ from proxy.translate.chat_stream import ChatStreamParser, Event
 from proxy.usage import Usage, count_events, usage_in
 
 FAST = settings(
-    max_examples=200,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,

@@ -25,7 +25,7 @@ from proxy.view import (
 )
 
 FAST = settings(
-    max_examples=200,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,
