@@ -10,11 +10,10 @@ from aiohttp import web
 from proxy import relay
 from proxy.errors import BackendTimeout, BackendUnreachable, Overloaded, ProxyError
 from proxy.exchange import Exchange
-from proxy.h1 import Response
 from proxy.headers import upstream_headers
 from proxy.routing import Target
 from proxy.state import GatewayState
-from proxy.upstream import Backend, send
+from proxy.upstream import Backend, Response, send
 from proxy.view import replace_model
 
 Attempt = Callable[[Backend, Target], Awaitable[web.StreamResponse]]

@@ -9,8 +9,8 @@ from aiohttp import web
 
 from proxy.errors import ProxyError, sse_error
 from proxy.exchange import Exchange
-from proxy.h1 import Response
 from proxy.headers import downstream_headers, is_event_stream
+from proxy.upstream import Response
 from proxy.usage import TAIL_BYTES, count_events, ends_event, ends_stream, usage_in
 
 # Bytes waiting for a slow client before the backend is paused, and resumed.

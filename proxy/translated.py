@@ -28,13 +28,12 @@ from proxy.errors import (
 )
 from proxy.exchange import Exchange
 from proxy.forward import UpstreamTry, try_targets
-from proxy.h1 import Response
 from proxy.headers import REQUEST_ID
 from proxy.relay import finish
 from proxy.routing import Target
 from proxy.state import GatewayState
 from proxy.translate.chat_stream import ChatStreamParser
-from proxy.upstream import Backend, send
+from proxy.upstream import Backend, Response, send
 from proxy.usage import TAIL_BYTES, usage_in
 
 _MAX_ANSWER = 64 * 1024 * 1024

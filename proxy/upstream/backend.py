@@ -1,4 +1,4 @@
-"""The upstream leg: one keep-alive pool per backend, and sending a request on it."""
+"""A configured backend and sending a request to it on its keep-alive pool."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from collections.abc import Mapping
 
 from proxy.config import BackendConfig, Config
 from proxy.errors import BackendUnreachable
-from proxy.h1 import ConnectionClosed, Response
-from proxy.pool import Pool
+from proxy.upstream.connection import ConnectionClosed
+from proxy.upstream.pool import Pool
+from proxy.upstream.response import Response
 
 
 class Backend:
@@ -80,9 +81,9 @@ async def send(
     else:
         head.append(b"\r\n")
     for retry in (True, False):
-        conn = await (backend.pool.acquire() if retry else backend.pool.connect())
+        conn = await backend.pool.acquire(fresh=not retry)
         try:
-            return await conn.send(head, bodiless=method == "HEAD")
+            return await conn.send(head, head_only=method == "HEAD")
         except ConnectionClosed as exc:
             if retry and exc.stale:
                 continue
