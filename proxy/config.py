@@ -113,9 +113,11 @@ def load_config(text: bytes | str) -> Config:
     entry failed to decode still counts as defined, so it is not reported twice).
     """
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader, see below)
     except yaml.YAMLError as exc:
         raise ConfigError([f"invalid YAML: {exc}"]) from exc
+    except RecursionError:
+        raise ConfigError(["invalid YAML: nested too deeply"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -127,6 +129,23 @@ def load_config(text: bytes | str) -> Config:
     if errors:
         raise ConfigError(errors)
     return config
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with a number too long for int() a YAML error at its place."""
+
+
+def _int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    try:
+        value: int = loader.construct_yaml_int(node)
+    except ValueError:  # past Python's limit on digits in int()
+        raise yaml.constructor.ConstructorError(
+            None, None, "a number too long to read", node.start_mark
+        ) from None
+    return value
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _int)
 
 
 def _convert(raw: dict[str, Any], errors: list[str]) -> tuple[Config, frozenset[str]]:
@@ -281,11 +300,16 @@ def _check_model(
 
 def _check_backend(path: str, backend: BackendConfig) -> list[str]:
     errors: list[str] = []
-    parts = urlsplit(backend.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        errors.append(f"{path}.url: '{backend.url}' is not an http(s) URL with a host")
-    elif parts.query or parts.fragment:
-        errors.append(f"{path}.url: must not carry a query or fragment")
+    try:
+        parts = urlsplit(backend.url)
+        parts.port  # noqa: B018  (reading it checks it: a bad port raises ValueError)
+    except ValueError as exc:
+        errors.append(f"{path}.url: '{backend.url[:200]}' is not a valid URL ({exc})")
+    else:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            errors.append(f"{path}.url: '{backend.url[:200]}' is not an http(s) URL with a host")
+        elif parts.query or parts.fragment:
+            errors.append(f"{path}.url: must not carry a query or fragment")
     if backend.max_in_flight is not None and backend.max_in_flight < 1:
         errors.append(f"{path}.max_in_flight: must be at least 1")
     if not _positive(backend.keepalive_s):

@@ -39,29 +39,35 @@ async def serve_openai(
     *,
     chat_template: bool = False,
     force_model: bool = False,
+    model_at: tuple[int, int] | None = None,
 ) -> web.StreamResponse:
     """An OpenAI-shaped request for `model` at `path`: forwarded as is where the backend
-    serves the route, translated where it does not (Responses; a `chat_template`)."""
+    serves the route, translated where it does not (Responses; a `chat_template`).
+    `model_at`: where `peek` found `model` in `body`."""
     if path == EMBEDDINGS:
         return await serve_model(
             request, model, body, deadline,
             native_path=path, native_api="embeddings", force_model=force_model,
+            model_at=model_at,
         )  # fmt: skip
     if path == RESPONSES:
         return await serve_model(
             request, model, body, deadline,
             native_path=path, native_api="responses", force_model=force_model,
+            model_at=model_at,
             adapter=lambda: ResponsesAdapter(decode_object(body), model, vision_of(request, model)),
         )  # fmt: skip
     if path == CHAT and chat_template:
         return await serve_model(
             request, model, body, deadline,
             native_path=path, native_api="chat_template", force_model=force_model,
+            model_at=model_at,
             adapter=lambda: ChatTemplateAdapter(decode_object(body)),
         )  # fmt: skip
     return await serve_model(
-        request, model, body, deadline, native_path=path, force_model=force_model
-    )
+        request, model, body, deadline,
+        native_path=path, force_model=force_model, model_at=model_at,
+    )  # fmt: skip
 
 
 def helper_route(path: str) -> Handler:
@@ -73,8 +79,9 @@ def helper_route(path: str) -> Handler:
         body, deadline = await begin(request)
         view = peek(body)
         return await serve_model(
-            request, view.model, body, deadline, native_path=path, native_api=api
-        )
+            request, view.model, body, deadline,
+            native_path=path, native_api=api, model_at=view.model_at,
+        )  # fmt: skip
 
     return handle
 
@@ -92,8 +99,9 @@ def openai_route(path: str) -> Handler:
         body, deadline = await begin(request)
         view = peek(body)
         return await serve_openai(
-            request, path, view.model, body, deadline, chat_template=view.chat_template
-        )
+            request, path, view.model, body, deadline,
+            chat_template=view.chat_template, model_at=view.model_at,
+        )  # fmt: skip
 
     return handle
 

@@ -11,7 +11,7 @@ from proxy.errors import ProxyError, sse_error
 from proxy.exchange import Exchange
 from proxy.headers import downstream_headers, is_event_stream
 from proxy.upstream import Response
-from proxy.usage import TAIL_BYTES, count_events, ends_event, ends_stream, usage_in
+from proxy.usage import TAIL_BYTES, carry_tail, count_events, ends_event, ends_stream, usage_in
 
 # Bytes waiting for a slow client before the backend is paused, and resumed.
 _CLIENT_HIGH_WATER = 256 * 1024
@@ -99,7 +99,7 @@ class _Sink:
         self.nbytes += len(data)
         if self.sse:
             self.events += count_events(data, self.tail)
-            self.tail = data[-2:]
+            self.tail = carry_tail(self.tail, data)
         self.before_last, self.last = self.last, data
         self.last_at = self.clock()
 

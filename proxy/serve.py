@@ -31,13 +31,15 @@ async def serve_model(
     native_api: OptionalApi | Literal["never"] | None = None,
     adapter: Callable[[], Adapter] | None = None,
     force_model: bool = False,
+    model_at: tuple[int, int] | None = None,
 ) -> web.StreamResponse:
     """Route `model`, then serve it from the first target that answers.
 
     A target whose backend serves `native_api` (None: every backend does) gets `body` as
     is at `native_path`, with `model` set to the target's upstream id where it differs (or
     always, with `force_model`, for bodies addressed by endpoint rather than by model). The
-    others get the `adapter`'s translation, or a 501 when there is none.
+    others get the `adapter`'s translation, or a 501 when there is none. `model_at` is the
+    span of `model` in `body` when `peek` found it.
     """
     state, ex = request.app[STATE], request[EXCHANGE]
     route = plan(state.config, model, state.rng, state.known_models)
@@ -49,7 +51,7 @@ async def serve_model(
         native = native_api is None or (native_api != NEVER and serves(backend.config, native_api))
         if native:
             upstream_model = target.upstream_model or (model if force_model else None)
-            payload = body if upstream_model is None else set_model(body, upstream_model)
+            payload = body if upstream_model is None else set_model(body, upstream_model, model_at)
             return await exchange(request, state, ex, backend, native_path, payload, deadline)
         if adapter is None:
             raise Unsupported(

@@ -35,6 +35,12 @@ def count_events(chunk: bytes, tail: bytes = b"") -> int:
     return _terminators(chunk)
 
 
+def carry_tail(tail: bytes, chunk: bytes) -> bytes:
+    """The last two bytes relayed once `chunk` follows `tail` (the `tail` of the next
+    `count_events` call), also when `chunk` is shorter than two bytes."""
+    return chunk[-2:] if len(chunk) > 1 else (tail + chunk)[-2:]
+
+
 def _terminators(data: bytes) -> int:
     n = data.count(b"\n\n")
     if b"\r" in data:  # CRLF framing is rare: a memchr pass first spares the second count

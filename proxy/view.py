@@ -1,11 +1,13 @@
 """The routing view of a request body: `model` and `stream`, and nothing else.
 
 The body itself is forwarded as received; only `model` may be rewritten, in place, by
-`replace_model`, which touches the bytes of that one value.
+`replace_model`, which touches the bytes of that one value. Every pass over a body is made by
+msgspec, in C, whatever the body holds (no Python loop over its tokens).
 """
 
 from __future__ import annotations
 
+import ctypes
 import re
 from typing import TypeVar
 
@@ -18,9 +20,9 @@ from proxy.errors import InvalidRequest
 class _Fields(msgspec.Struct, frozen=True):
     """The fields routing reads, as sent, any JSON type; every other field is left unread."""
 
-    model: object = msgspec.UNSET
+    model: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     stream: object = False
-    chat_template: object = msgspec.UNSET
+    chat_template: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
 class RequestView(msgspec.Struct, frozen=True):
@@ -29,6 +31,7 @@ class RequestView(msgspec.Struct, frozen=True):
     model: str
     stream: bool
     chat_template: bool = False  # the body carries a `chat_template` to render
+    model_at: tuple[int, int] | None = None  # the model value's byte span, for a rewrite
 
 
 class _InvocationFields(msgspec.Struct, frozen=True):
@@ -57,16 +60,24 @@ _ANY = msgspec.json.Decoder()
 
 
 def peek(body: bytes) -> RequestView:
-    """Decode `model` and `stream`, or raise `InvalidRequest` saying what is wrong."""
+    """Decode `model` and `stream`, or raise `InvalidRequest` saying what is wrong.
+
+    One C-speed pass over the body (a second one only where a duplicate `model` could hide);
+    `model` named twice at the top level is refused, whether or not a rewrite follows.
+    """
     view = _decode(_DECODER, body)
     if view.model is msgspec.UNSET:
         raise InvalidRequest("'model' is required")
-    if not isinstance(view.model, str) or not view.model:
+    model = _ANY.decode(view.model)
+    if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string")
+    start = _address(view.model) - _address(body)
+    _refuse_a_second_model(body, start)
     return RequestView(
-        model=view.model,
+        model=model,
         stream=_stream_flag(view.stream),
         chat_template=view.chat_template is not msgspec.UNSET,
+        model_at=(start, start + len(view.model)),
     )
 
 
@@ -145,9 +156,18 @@ def _unencodable(value: object) -> str:
 
 
 def _decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
-    """Decode a body's routing view, every failure an `InvalidRequest` saying what is wrong."""
+    """Decode a body's routing view, every failure an `InvalidRequest` saying what is wrong.
+
+    The view skips the values it does not read without checking their UTF-8, so a body
+    that is not all ASCII is checked whole here (C speed; ASCII is told in one fast pass).
+    """
     if not body.strip():
         raise InvalidRequest("request body is empty: send a JSON object")
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest("request body is not valid UTF-8") from None
     try:
         return decoder.decode(body)
     except msgspec.ValidationError:  # the views take any value, so only the top level can fail
@@ -183,37 +203,92 @@ def _lower(exc: Exception) -> str:
     return text if text[1:2].isupper() else text[:1].lower() + text[1:]
 
 
-# A JSON string (with escapes) or one structural character; whatever lies between is
-# numbers, literals, commas, colons and whitespace, none of which changes nesting depth.
-_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]', re.DOTALL)
-_VALUE_AFTER_KEY = re.compile(rb'\s*:\s*("[^"\\]*(?:\\.[^"\\]*)*")', re.DOTALL)
+class _ModelValue(msgspec.Struct, frozen=True):
+    """The top-level `model` value as a zero-copy view of its bytes in the body."""
+
+    model: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+_MODEL_VALUE = msgspec.json.Decoder(_ModelValue)
 
 
 def model_span(body: bytes) -> tuple[int, int] | None:
-    """Byte offsets of the top-level `"model"` string value in a JSON object body."""
-    depth = 0
-    found: tuple[int, int] | None = None
-    for m in _TOKEN.finditer(body):
-        first = body[m.start()]
-        if first == 0x22:  # a string: a key when ':' follows it
-            if depth == 1 and _is_model_key(m.group()):
-                value = _VALUE_AFTER_KEY.match(body, m.end())
-                if value is not None:
-                    if found is not None:
-                        raise InvalidRequest("'model' appears more than once in the body")
-                    found = value.span(1)
-        elif first in b"{[":
-            depth += 1
-        else:
-            depth -= 1
-    return found
+    """Byte offsets of the top-level `"model"` string value in a JSON object body, or None.
+
+    Found at C speed whatever the rest of the body holds: msgspec decodes the top level once,
+    skipping every other value, and hands `model` back as a `Raw` that points into `body`
+    itself (zero-copy), so its offset is the distance between the two buffers. The offset is
+    checked against the bytes before it is trusted. Raises `InvalidRequest` when `model`
+    appears more than once at the top level (see `peek`).
+    """
+    value = _decode(_MODEL_VALUE, body).model
+    if value is msgspec.UNSET:
+        return None
+    start = _address(value) - _address(body)
+    end = start + len(value)
+    if not (start >= 0 and end <= len(body) and memoryview(body)[start:end] == memoryview(value)):
+        raise AssertionError("msgspec.Raw no longer points into the decoded body")
+    _refuse_a_second_model(body, start)
+    return (start, end) if body[start] == 0x22 else None  # only a string value is a model
 
 
-def _is_model_key(token: bytes) -> bool:
-    """Whether a JSON string token spells `model`, escapes included (`"mod\\u0065l"`)."""
-    if token == b'"model"':
-        return True
-    return b"\\" in token and len(token) < 64 and _ANY.decode(token) == "model"
+def _refuse_a_second_model(body: bytes, value_at: int) -> None:
+    """A body whose top level names `model` twice is refused: the gateway would route by one
+    and a backend may read the other. msgspec keeps the last, so the keys before it are
+    decoded again (cut off as an object of their own) to find any other, escaped spellings
+    included. Only a body where a second one can hide (the word twice, or an escaped letter
+    of it) pays for that second pass."""
+    if body.count(b"model") < 2 and b"\\u006" not in body:
+        return
+    colon = body.rindex(b":", 0, value_at)
+    key_end = body.rindex(b'"', 0, colon)
+    key_start = body.rindex(b'"', 0, key_end)  # a key spelling `model` has no escaped quote
+    before = body[:key_start].rstrip()
+    if before.endswith(b"{"):  # the last `model` is the first key: there is no other
+        return
+    try:  # `before` ends with the comma after the previous member
+        earlier = _MODEL_VALUE.decode(before[:-1] + b"}").model
+    except (msgspec.DecodeError, RecursionError):
+        raise InvalidRequest("request body is not valid JSON") from None
+    if earlier is not msgspec.UNSET:
+        raise InvalidRequest("'model' appears more than once in the body")
+
+
+class _BufferView(ctypes.Structure):
+    """CPython's Py_buffer (part of the stable ABI since 3.11)."""
+
+    _fields_ = (
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    )
+
+
+_GET_BUFFER = ctypes.pythonapi.PyObject_GetBuffer
+_GET_BUFFER.argtypes = (ctypes.py_object, ctypes.POINTER(_BufferView), ctypes.c_int)
+_GET_BUFFER.restype = ctypes.c_int
+_RELEASE_BUFFER = ctypes.pythonapi.PyBuffer_Release
+_RELEASE_BUFFER.argtypes = (ctypes.POINTER(_BufferView),)
+_RELEASE_BUFFER.restype = None
+
+
+def _address(buffer: bytes | msgspec.Raw) -> int:
+    """Where a buffer's bytes start in memory (read through the buffer protocol)."""
+    view = _BufferView()
+    if _GET_BUFFER(buffer, ctypes.byref(view), 0) != 0:
+        raise AssertionError("no buffer")  # bytes and msgspec.Raw always export one
+    try:
+        return int(view.buf or 0)
+    finally:
+        _RELEASE_BUFFER(ctypes.byref(view))
 
 
 def replace_model(body: bytes, model: str) -> bytes:
@@ -221,20 +296,30 @@ def replace_model(body: bytes, model: str) -> bytes:
     span = model_span(body)
     if span is None:  # peek() has proven the key exists, so this is unreachable in practice
         raise InvalidRequest("'model' is required")
+    return _splice(body, span, model)
+
+
+def _splice(body: bytes, span: tuple[int, int], model: str) -> bytes:
+    """`body` with the bytes in `span` replaced by `model` as JSON: one copy of the body."""
     start, end = span
-    return body[:start] + msgspec.json.encode(model) + body[end:]
+    whole = memoryview(body)
+    return b"".join((whole[:start], msgspec.json.encode(model), whole[end:]))
 
 
 _OPEN_BRACE = re.compile(rb"\s*\{\s*(\}?)")
 
 
-def set_model(body: bytes, model: str) -> bytes:
-    """The body with `model` set: replaced where it is, else added first; nothing else moves."""
-    if model_span(body) is not None:
-        return replace_model(body, model)
+def set_model(body: bytes, model: str, at: tuple[int, int] | None = None) -> bytes:
+    """The body with `model` set: replaced where it is, else added first; nothing else moves.
+
+    `at` is the model value's span when `peek` has found it already (saving a pass).
+    """
+    span = at if at is not None else model_span(body)
+    if span is not None:
+        return _splice(body, span, model)
     m = _OPEN_BRACE.match(body)
     if m is None:
         raise InvalidRequest("request body must be a JSON object")
-    at = m.start(1)
+    first = m.start(1)
     separator = b"" if m.group(1) else b","
-    return body[:at] + b'"model":' + msgspec.json.encode(model) + separator + body[at:]
+    return body[:first] + b'"model":' + msgspec.json.encode(model) + separator + body[first:]

@@ -38,7 +38,7 @@ class FakeUpstream:
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 2**20)  # bodies up to the gateway's limits
         app.router.add_route("*", "/{tail:.*}", self._handle)
         return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from proxy.errors import InvalidRequest
@@ -32,8 +33,13 @@ from proxy.view import RequestView, decode_object, model_span, peek, replace_mod
     ],
 )
 def test_peek_valid_bodies(body: bytes, expected: RequestView) -> None:
-    """`model` and `stream` (default false) come out of any valid object, other fields unread."""
-    assert expected == peek(body)
+    """`model` and `stream` (default false) come out of any valid object, other fields unread;
+    `model_at` is where the model value's bytes are."""
+    view = peek(body)
+    assert expected == msgspec.structs.replace(view, model_at=None)
+    assert view.model_at is not None
+    start, end = view.model_at
+    assert expected.model == msgspec.json.decode(body[start:end])
 
 
 # --- peek: bad bodies --------------------------------------------------------------------
@@ -156,12 +162,42 @@ def test_replace_model_rejects_model_twice() -> None:
     assert "'model' appears more than once in the body" == caught.value.message
 
 
-def test_replace_model_rejects_model_twice_when_one_is_escaped() -> None:
-    """A second "model" key spelt with a JSON escape is a duplicate too."""
-    body = b'{"model": "a", "mod\\u0065l": "b"}'
-    assert "b" == peek(body).model
-    with pytest.raises(InvalidRequest):
-        replace_model(body, "B-upstream")
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "a", "mod\\u0065l": "b"}',  # the second spelt with a JSON escape
+        b'{"\\u006dodel": "a", "x": {"model": "n"}, "model": "b"}',  # the first escaped
+        b'{"model": "a", "messages": [{"model": "n"}], "model": "a"}',  # the same value twice
+    ],
+)
+def test_model_twice_is_refused_by_peek_and_replace(body: bytes) -> None:
+    """One rule for routing and rewriting: a top-level "model" named twice is a 400 whether
+    or not a rewrite follows (the gateway would route by one, a backend may read the other)."""
+    for call in (lambda: peek(body), lambda: replace_model(body, "B-upstream")):
+        with pytest.raises(InvalidRequest) as caught:
+            call()
+        assert "'model' appears more than once in the body" == caught.value.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "a", "messages": [{"role": "user", "content": "model model"}]}',
+        b'{"model": "a", "x": {"model": "b"}, "y": "\\u00e9"}',
+        b'{"name": "model", "model": "a", "tag": "mod\\u0065l"}',
+    ],
+)
+def test_model_once_at_the_top_level_is_not_a_duplicate(body: bytes) -> None:
+    """The word "model" in values, nested objects and escaped strings is no second model."""
+    assert "a" == peek(body).model
+    assert "b2" == peek(replace_model(body, "b2")).model
+
+
+def test_invalid_utf8_in_a_skipped_value_is_refused() -> None:
+    """Bytes that are not UTF-8 are a 400 even inside a value routing does not read."""
+    with pytest.raises(InvalidRequest) as caught:
+        peek(b'{"model": "a", "messages": [{"content": "caf\xe9"}]}')
+    assert "request body is not valid UTF-8" == caught.value.message
 
 
 def test_replace_model_without_a_top_level_model() -> None:
