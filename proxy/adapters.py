@@ -19,6 +19,7 @@ class AnthropicAdapter:
 
     dialect: Dialect = "anthropic"
     upstream_path = CHAT
+    heavy = False
 
     def __init__(self, body: dict[str, object], model: str, vision: bool) -> None:
         self.body = body
@@ -53,6 +54,7 @@ class GeminiAdapter:
 
     dialect: Dialect = "gemini"
     upstream_path = CHAT
+    heavy = False
 
     def __init__(self, body: dict[str, object], model: str, stream: bool, vision: bool) -> None:
         self.body = body
@@ -80,6 +82,7 @@ class ResponsesAdapter:
 
     dialect: Dialect = "openai"
     upstream_path = CHAT
+    heavy = False
 
     def __init__(self, body: dict[str, object], model: str, vision: bool) -> None:
         self.body = body
@@ -153,6 +156,7 @@ class ChatTemplateAdapter:
 
     dialect: Dialect = "openai"
     upstream_path = "/v1/completions"
+    heavy = True  # compiling and rendering a client's template is Python work without a bound in C
 
     def __init__(self, body: dict[str, object]) -> None:
         self.body = body

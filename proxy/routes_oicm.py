@@ -9,6 +9,7 @@ from proxy.chain import begin
 from proxy.forward import exchange, try_targets
 from proxy.handlers import CHAT, OPENAI_POST_ROUTES, list_models, serve_openai
 from proxy.middleware import EXCHANGE
+from proxy.paths import subpath
 from proxy.routing import Target, plan
 from proxy.state import STATE
 from proxy.translate import oicm
@@ -20,7 +21,7 @@ async def endpoint_proxy(request: web.Request) -> web.StreamResponse:
     """OpenAI routes under the prefix are routed by endpoint (a TGI-style payload on the chat
     route becomes a chat request); any other path goes to a target backend as is."""
     endpoint = request.match_info["endpoint"]
-    path = "/" + request.match_info["path"]
+    path = subpath(request.raw_path, 3)  # after /models/{endpoint}/proxy, as the client sent it
     if path == "/v1/models" and request.method in ("GET", "HEAD"):
         return await list_models(request)
     body, deadline = await begin(request)

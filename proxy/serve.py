@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Literal
 
@@ -60,7 +61,12 @@ async def serve_model(
             )
         if translation is None:
             translation = adapter()
-        chat = orjson.dumps(translation.chat_request(target.upstream_model or model))
+        upstream_model = target.upstream_model or model
+        if translation.heavy:  # in a worker thread: the loop keeps serving everyone else
+            request_body = await asyncio.to_thread(translation.chat_request, upstream_model)
+        else:
+            request_body = translation.chat_request(upstream_model)
+        chat = orjson.dumps(request_body)
         return await exchange_translated(request, state, ex, backend, translation, chat, deadline)
 
     return await try_targets(state, ex, route.attempts, run)

@@ -58,6 +58,7 @@ class Adapter(Protocol):
     dialect: Dialect
     stream: bool
     upstream_path: str  # "/v1/chat/completions" (or "/v1/completions")
+    heavy: bool  # chat_request() may take long (a template to render): run it off the loop
 
     def chat_request(self, upstream_model: str) -> dict[str, object]: ...
 

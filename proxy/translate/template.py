@@ -28,7 +28,7 @@ from jinja2.visitor import NodeTransformer
 
 from proxy.errors import InvalidRequest
 
-MAX_TEMPLATE_CHARS = 128 * 1024
+MAX_TEMPLATE_CHARS = 32 * 1024  # compiling is Python work in proportion (about 20 ms a KiB)
 MAX_LOOP_ITERATIONS = 1_000_000  # all loops of one render together
 MAX_INT_ARGUMENT = 100_000  # a larger integer passed to a function or filter is refused
 _MAX_INT_BITS = 4096  # integers the template computes stay below 2**4096
@@ -72,7 +72,12 @@ class _Refused(Exception):
 def render_prompt(
     template: str, messages: object, *, max_chars: int = 1_000_000, timeout_s: float = 1.0
 ) -> str:
-    """The text `template` renders for `messages`, or `InvalidRequest` naming the problem."""
+    """The text `template` renders for `messages`, or `InvalidRequest` naming the problem.
+
+    `timeout_s` counts from the call, compiling included (a compile cannot be interrupted:
+    its size bound, MAX_TEMPLATE_CHARS, is what bounds it; the caller keeps it off the loop).
+    """
+    started = time.monotonic()
     if not isinstance(template, str):
         raise InvalidRequest("chat_template: expected a string")
     if len(template) > MAX_TEMPLATE_CHARS:
@@ -88,7 +93,9 @@ def render_prompt(
         raise InvalidRequest(f"chat_template: {exc.message} (line {exc.lineno})") from None
     except (RecursionError, SyntaxError):  # SyntaxError: Python's, on absurdly nested input
         raise InvalidRequest("chat_template: nested too deeply") from None
-    env = _Sandbox(max_chars=max_chars, timeout_s=timeout_s)
+    if time.monotonic() - started > timeout_s:
+        raise InvalidRequest(f"chat_template: compiling took longer than {timeout_s:g}s")
+    env = _Sandbox(max_chars=max_chars, timeout_s=timeout_s, started=started)
     compiled = env.template_class.from_code(env, code, env.make_globals(None))
     pieces: list[str] = []
     size = 0
@@ -109,7 +116,7 @@ def render_prompt(
 @functools.lru_cache(maxsize=64)
 def _compile(template: str) -> CodeType:
     """The template's Python code, rewritten so that it runs within the render's budget."""
-    env = _Sandbox(max_chars=0, timeout_s=0.0)
+    env = _Sandbox(max_chars=0, timeout_s=0.0, started=0.0)
     return env.compile(_Rewrite().visit(env.parse(template)).set_environment(env))
 
 
@@ -121,9 +128,9 @@ class _Budget(Extension):
         self.max_chars, self.timeout_s, self.deadline = 0, 0.0, 0.0
         self.iterations = self.written = 0
 
-    def start(self, max_chars: int, timeout_s: float) -> None:
+    def start(self, max_chars: int, timeout_s: float, started: float) -> None:
         self.max_chars, self.timeout_s = max_chars, timeout_s
-        self.deadline = time.monotonic() + timeout_s
+        self.deadline = started + timeout_s
 
     def tick(self) -> None:
         if time.monotonic() > self.deadline:
@@ -168,7 +175,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
     intercepted_binops = frozenset({"*", "**", "%", "+"})
 
-    def __init__(self, *, max_chars: int, timeout_s: float) -> None:
+    def __init__(self, *, max_chars: int, timeout_s: float, started: float) -> None:
         # The settings and helpers of Hugging Face chat templates, as vLLM renders them.
         super().__init__(
             undefined=StrictUndefined,
@@ -178,7 +185,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
             extensions=[_Budget, "jinja2.ext.loopcontrols"],
         )
         self.budget = cast(_Budget, self.extensions[_Budget.identifier])
-        self.budget.start(max_chars, timeout_s)
+        self.budget.start(max_chars, timeout_s, started)
         del self.globals["lipsum"]  # it writes paragraphs by the thousand in one call
         self.globals["raise_exception"] = _raise_exception
         filters = {name: f for name, f in self.filters.items() if name in _FILTERS}

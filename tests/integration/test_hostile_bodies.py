@@ -7,6 +7,7 @@ import asyncio
 import io
 
 import aiohttp
+import orjson
 import pytest
 
 from tests.conftest import one_backend
@@ -101,3 +102,58 @@ async def test_invalid_utf8_inside_a_forwarded_value_is_a_400(gateway, upstream)
             assert 400 == r.status
             assert "request body is not valid UTF-8" == (await r.json())["error"]["message"]
     assert [] == upstream.posts
+
+
+async def test_compiling_a_large_template_keeps_the_loop_free(gateway_factory, upstream) -> None:
+    """A 30 KB chat_template (a new one each time, so never cached) is compiled and rendered
+    off the event loop: the loop goes on serving while it compiles (it stalled for the whole
+    compile, about 1 s for 60 KB, when that ran on the loop)."""
+    config = (
+        f"backends:\n  gpu: {{url: '{upstream.url}', kind: tgi}}\n"
+        "models:\n  m: {targets: [{backend: gpu}]}\n"
+    )
+    gw = await gateway_factory(config)
+    completion = {
+        "id": "c",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+    upstream.script["/v1/completions"] = json_script(200, completion)
+    loop = asyncio.get_running_loop()
+    longest = 0.0
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal longest
+        last = loop.time()
+        while not done.is_set():
+            await asyncio.sleep(0.005)
+            now = loop.time()
+            longest = max(longest, now - last)
+            last = now
+
+    async with aiohttp.ClientSession() as s:
+        ticking = asyncio.create_task(ticker())
+        try:
+            for n in range(3):
+                unique = f"{n}-{loop.time()}"
+                template = unique + "".join(
+                    f"{{% if messages[0].content == '{i}' %}}{i}{{% endif %}}" for i in range(480)
+                )
+                body = orjson.dumps(
+                    {
+                        "model": "m",
+                        "messages": [{"role": "user", "content": "x"}],
+                        "chat_template": template,
+                    }
+                )
+                async with s.post(gw.url + "/v1/chat/completions", data=body) as r:
+                    assert 200 == r.status, await r.text()
+        finally:
+            done.set()
+            await ticking
+    print(f"longest event-loop stall: {longest:.3f} s")
+    assert longest < 0.15, f"the event loop stalled for {longest:.3f} s"

@@ -12,6 +12,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from aiohttp import web
 
 from bench.simbackend import start_simbackend
 from tests.fakes import json_script, sse_event, sse_script, stream_script
@@ -376,3 +377,78 @@ async def test_unknown_endpoint_and_missing_key(setup) -> None:
         async with session.post(gw.url + "/models/qwen/proxy/rerank", data=b"{}") as response:
             assert 401 == response.status
     assert [] == gpu.posts
+
+
+async def _raw_post(url: str, target: bytes) -> bytes:
+    """Send one POST with an exact request target; everything the gateway answers."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Connection: close\r\n\r\n{}"
+    )
+    try:
+        async with asyncio.timeout(5):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "upstream_path"),
+    [
+        (b"/models/qwen/proxy/a%20b%3Fc%23d", "/base/a%20b%3Fc%23d"),
+        (b"/models/qwen/proxy/x%2Fy?q=1", "/base/x%2Fy"),
+    ],
+)
+async def test_proxy_path_goes_upstream_as_encoded(
+    gateway_factory, upstream, target, upstream_path
+) -> None:
+    """The task path reaches the backend as the client encoded it, under the backend's base
+    path: no escape is decoded into the upstream request line."""
+    config = (
+        f"backends:\n  gpu: {{url: '{upstream.url}/base', kind: tgi}}\n"
+        "models:\n  qwen: {targets: [{backend: gpu}]}\n"
+    )
+    gw = await gateway_factory(config)
+    seen: list[str] = []
+
+    async def record(request, rec):
+        seen.append(request.raw_path.partition("?")[0])
+        return web.json_response({})
+
+    upstream.script["/base/a b?c#d"] = record
+    upstream.script["/base/x/y"] = record
+    answer = await _raw_post(gw.url, target)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert [upstream_path] == seen
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/models/qwen/proxy/a%0d%0aX-Injected:%20yes",
+        b"/models/qwen/proxy/a%09b%20c",
+        b"/models/qwen/proxy/../../admin",
+        b"/models/qwen/proxy/%2e%2e/%2e%2e/admin",
+    ],
+)
+async def test_proxy_path_with_control_characters_or_dot_segments_is_a_400(
+    gateway_factory, upstream, target
+) -> None:
+    """A path that would smuggle bytes into the upstream request line, or climb out of the
+    backend's base path, is refused with an envelope (400; a decoded line break matches no
+    route at all, so that one is a 404) and never reaches the backend."""
+    config = (
+        f"backends:\n  gpu: {{url: '{upstream.url}/base', kind: tgi}}\n"
+        "models:\n  qwen: {targets: [{backend: gpu}]}\n"
+    )
+    gw = await gateway_factory(config)
+    answer = await _raw_post(gw.url, target)
+    if b"%0a" in target:
+        assert answer.startswith(b"HTTP/1.1 404"), answer[:200]
+        assert b'"type":"not_found"' in answer
+    else:
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        assert b'"type":"invalid_request"' in answer
+    assert [] == upstream.posts

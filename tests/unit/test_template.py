@@ -247,9 +247,18 @@ def test_messages_must_be_a_list_of_objects(messages: object, message: str) -> N
 
 
 def test_template_must_be_a_short_string() -> None:
-    """A template that is not a string, or is over 128 KiB, is refused."""
+    """A template that is not a string, or is over 32 KiB, is refused before compiling."""
     assert "chat_template: expected a string" == refusal(42)  # type: ignore[arg-type]
-    assert "chat_template: longer than 131072 characters" == refusal("x" * 131073)
+    assert "chat_template: longer than 32768 characters" == refusal("x" * 32769)
+
+
+def test_compiling_counts_in_the_time_budget() -> None:
+    """The time budget starts before compiling: a template that takes longer than the budget
+    to compile is refused even though rendering it would be instant."""
+    unique = f"{time.monotonic_ns()}"  # never in the compile cache
+    template = unique + "".join(f"{{% if messages[{i}] %}}{i}{{% endif %}}" for i in range(600))
+    message = refusal(template, timeout_s=0.001)
+    assert message.startswith("chat_template: compiling took longer than 0.001s")
 
 
 def test_the_template_cannot_change_the_messages() -> None:
