@@ -16,7 +16,7 @@ from proxy.config import Config
 from proxy.health import health_checks
 from proxy.listener import GuardedServer, close, listen
 from proxy.metrics import Metrics
-from proxy.middleware import gateway_middleware
+from proxy.middleware import gateway_middleware, malformed
 from proxy.routes import add_routes
 from proxy.state import STATE, GatewayState
 from proxy.upstream import open_backends
@@ -98,17 +98,19 @@ async def serve_app(app: web.Application, config: Config, host: str, port: int) 
     runner = make_runner(app, config)
     await runner.setup()
     s = config.server
+    state = app[STATE]
     server = GuardedServer(
         runner,
         header_timeout_s=s.header_timeout_s,
         max_connections=s.max_connections,
+        malformed=lambda status: malformed(state, status),
         access_log=None,  # the middleware writes the access log
         keepalive_timeout=s.keepalive_s,
         # A body left unread (413, 408) is read and dropped for at most this long before the
         # connection closes, so the client sees the answer rather than a reset (aiohttp: 10 s).
         lingering_time=1.0,
     )
-    app[STATE].clients = server
+    state.clients = server
     try:
         listener = await listen(server, host, port)
     except OSError:

@@ -70,6 +70,20 @@ class RequestTimeout(ProxyError):
     google_status = "DEADLINE_EXCEEDED"
 
 
+class ExpectationFailed(ProxyError):
+    status = 417
+    type = "invalid_request"
+    anthropic_type = "invalid_request_error"
+    google_status = "INVALID_ARGUMENT"
+
+
+class VersionNotSupported(ProxyError):
+    status = 505
+    type = "invalid_request"
+    anthropic_type = "invalid_request_error"
+    google_status = "INVALID_ARGUMENT"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "payload_too_large"

@@ -11,7 +11,12 @@ server, told of every connection's birth and end) adds both:
 - a connection cap, `server.max_connections`: at the cap, the connection that has waited
   longest without a request in progress is closed to make room (so a flood of idle or
   slow-header connections cannot lock out a health probe); when every connection is busy
-  with a request, the new one is refused. Either is logged, at most once a second.
+  with a request, the new one is refused. Either is logged, at most once a second;
+- the answers aiohttp would make on its own never echo request bytes (a header value there
+  may be a key): a request that does not parse gets the gateway's envelope from `malformed`
+  (logged once a second at most, naming only the status), and `Expect` and a request line's
+  HTTP version are taken out of aiohttp's hands (`EXPECT`, `BAD_VERSION`) so the gateway's
+  middleware answers them, after authentication.
 """
 
 from __future__ import annotations
@@ -19,12 +24,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict, CIMultiDictProxy
 
 logger = logging.getLogger("proxy")
+
+# What the request factory took out of a request for the middleware to decide on.
+EXPECT: web.RequestKey[str] = web.RequestKey("expect", str)
+BAD_VERSION: web.RequestKey[str] = web.RequestKey("bad_version", str)
 
 _LOG_EVERY_S = 1.0
 
@@ -38,16 +50,42 @@ class GuardedServer(web.Server):
         *,
         header_timeout_s: float,
         max_connections: int,
+        malformed: Callable[[int], web.StreamResponse],
         **handler_options: Any,
     ) -> None:
         app_server = runner.server
         assert app_server is not None, "runner.setup() first"
+        make_request = app_server.request_factory
+
+        def request_factory(message: RawRequestMessage, *args: Any) -> web.BaseRequest:
+            expect = message.headers.get("Expect")
+            version = message.version
+            if expect is None and version <= HttpVersion11:
+                return make_request(message, *args)
+            message = message._replace(  # aiohttp would answer Expect itself, echoing it
+                headers=CIMultiDictProxy(
+                    CIMultiDict((k, v) for k, v in message.headers.items() if k != "Expect")
+                ),
+                raw_headers=tuple(h for h in message.raw_headers if h[0].lower() != b"expect"),
+                version=min(version, HttpVersion11),  # and answer HTTP/2.0 in HTTP/1.1 framing
+            )
+            request = make_request(message, *args)
+            if expect is not None:
+                request[EXPECT] = expect
+            if version > HttpVersion11:
+                request[BAD_VERSION] = f"HTTP/{version.major}.{version.minor}"
+            return request
+
         super().__init__(
             app_server.request_handler,
-            request_factory=app_server.request_factory,
+            request_factory=request_factory,
             handler_cancellation=app_server.handler_cancellation,
             **handler_options,
         )
+        self.handler_options = handler_options
+        self.malformed = malformed
+        self._malformed_since_log = 0
+        self._malformed_logged_at = -_LOG_EVERY_S
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
         # Open connections with no request in progress, oldest first: waiting for their
@@ -56,6 +94,23 @@ class GuardedServer(web.Server):
         self.busy: set[RequestHandler] = set()
         self.refused = self.evicted = 0
         self._logged_at = -_LOG_EVERY_S
+
+    def __call__(self) -> RequestHandler:
+        return _GatewayRequestHandler(self, loop=asyncio.get_running_loop(), **self.handler_options)
+
+    def log_malformed(self, status: int, exc: BaseException | None) -> None:
+        """One line a second at most, whatever a flood of malformed requests holds, and
+        never their bytes: only the status and the error's class."""
+        self._malformed_since_log += 1
+        now = time.monotonic()
+        if now - self._malformed_logged_at >= _LOG_EVERY_S:
+            logger.info(
+                "refused %d malformed request(s) since the last such line (status %d, %s)",
+                self._malformed_since_log,
+                status,
+                type(exc).__name__ if exc is not None else "no detail",
+            )
+            self._malformed_logged_at, self._malformed_since_log = now, 0
 
     # aiohttp calls these as each connection opens and closes.
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
@@ -118,6 +173,30 @@ class GuardedServer(web.Server):
                 self.refused,
                 self.evicted,
             )
+
+
+class _GatewayRequestHandler(RequestHandler):
+    """aiohttp's connection handler, whose own error answers are the gateway's."""
+
+    def __init__(self, server: GuardedServer, **options: Any) -> None:
+        super().__init__(server, **options)
+        self.server = server
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request that failed before the gateway's middleware saw it (it did not parse):
+        the gateway's envelope, and never the request's bytes, in the answer or the log."""
+        self.server.log_malformed(status, exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer is under way; the connection is closed instead")
+        response = self.server.malformed(status)
+        response.force_close()
+        return response
 
 
 async def listen(server: GuardedServer, host: str, port: int) -> asyncio.Server:

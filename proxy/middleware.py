@@ -10,22 +10,26 @@ import secrets
 import time
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler
 
 from proxy.auth import authenticate
 from proxy.errors import (
     Dialect,
+    ExpectationFailed,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
+    VersionNotSupported,
     envelope,
     error_headers,
 )
 from proxy.exchange import ClientGone, Exchange, disconnect_phase
 from proxy.headers import REQUEST_ID
+from proxy.listener import BAD_VERSION, EXPECT
 from proxy.state import STATE, GatewayState
 
 logger = logging.getLogger("proxy")
@@ -69,8 +73,39 @@ def error_response(err: ProxyError, ex: Exchange) -> web.Response:
         content_type="application/json",
         headers=headers,
     )
-    if isinstance(err, PayloadTooLarge | RequestTimeout):
+    if isinstance(err, PayloadTooLarge | RequestTimeout | ExpectationFailed | VersionNotSupported):
         response.force_close()  # the rest of the body is never read: the connection ends here
+    return response
+
+
+async def expect(request: web.Request, value: str) -> None:
+    """Answer an `Expect` header: `100-continue` gets its interim answer, anything else a 417
+    (which, unlike aiohttp's own, does not echo the header's value)."""
+    if value.strip().lower() != "100-continue":
+        raise ExpectationFailed("the only expectation the gateway meets is 100-continue")
+    if request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not begun
+
+
+def malformed(state: GatewayState, status: int) -> web.Response:
+    """The answer to a request aiohttp could not parse, accounted like any other (route
+    `unmatched`); nothing of the request is in it."""
+    err: ProxyError = (
+        PayloadTooLarge("the request head is too large")
+        if status == 413
+        else InvalidRequest("the request is not valid HTTP/1.1; nothing of it was read further")
+    )
+    ex = Exchange(
+        request_id=request_id_of(None),
+        route=UNMATCHED_ROUTE,
+        started=time.perf_counter(),
+        dialect="openai",
+    )
+    response = error_response(err, ex)
+    finished = time.perf_counter()
+    _account(state, ex, finished, None)
+    state.access_log.write(ex, "-", "-", finished)
     return response
 
 
@@ -105,9 +140,15 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     if clients is not None:
         clients.request_started(request.protocol)
     try:
+        if BAD_VERSION in request:
+            raise VersionNotSupported(
+                f"{request[BAD_VERSION]} is not spoken here: send HTTP/1.1 (or HTTP/1.0)"
+            )
         if request.path not in state.open_paths:
             query_key = request.query.get("key") if ex.dialect == "gemini" else None
             ex.principal = authenticate(request.headers, state.keys, query_key)
+        if EXPECT in request:  # only once the key is known good: no 100 for a refused request
+            await expect(request, request[EXPECT])
         response = await handler(request)
         if not response.prepared:
             response.headers[REQUEST_ID] = ex.request_id
