@@ -9,19 +9,12 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from proxy.config import Config, ConfigError, load_config
-from tests.unit.test_properties_json import mutated
+from tests.unit.test_properties_json import FAST, mutated
 
-FAST = settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 # Values of every type YAML's safe loader makes, dates and odd floats included.
 SCALARS = (
     st.none()

@@ -7,7 +7,7 @@ import base64
 import math
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
@@ -21,14 +21,8 @@ from proxy.headers import (
     upstream_headers,
 )
 from proxy.timeouts import request_budget
+from tests.unit.test_properties_json import FAST
 
-FAST = settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
 REQUEST_ID = st.from_regex(r"[A-Za-z0-9._:@/+=-]{1,128}", fullmatch=True)
 NAMES = st.sampled_from(
     [

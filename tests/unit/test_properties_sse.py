@@ -7,20 +7,14 @@ import itertools
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import ProxyError
 from proxy.translate.chat_stream import ChatStreamParser, Event
 from proxy.usage import Usage, carry_tail, count_events, usage_in
+from tests.unit.test_properties_json import FAST
 
-FAST = settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
 SCALARS = (
     st.none()
     | st.booleans()

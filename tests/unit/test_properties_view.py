@@ -9,7 +9,7 @@ from collections.abc import Callable
 import msgspec
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest
@@ -23,14 +23,7 @@ from proxy.view import (
     replace_model,
     set_model,
 )
-
-FAST = settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+from tests.unit.test_properties_json import FAST
 
 # Strings that stress the byte scanner: quotes, backslashes, braces, the word itself.
 TRICKY = st.text(alphabet=st.sampled_from('model"\\{}[]:, \n\u00e9\u6a21\U0001f600'), max_size=12)
