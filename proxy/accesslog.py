@@ -31,6 +31,7 @@ def access_record(ex: Exchange, method: str, path: str, finished: float, now: st
             "route": ex.route,
             "model": ex.model_label,
             "backend": ex.backend,
+            "tries": ex.tries,
             "status": ex.status,
             "duration_ms": round((finished - ex.started) * 1000, 3),
             "ttfb_ms": ttfb,

@@ -48,6 +48,9 @@ def create_app(
         state = app[STATE]
         state.backends = open_backends(config, env)
         state.metrics.in_flight = lambda: {n: b.in_flight for n, b in state.backends.items()}
+        loop = asyncio.get_running_loop()
+        state.metrics.backend_up = lambda: state.healthy(loop.time())
+        state.metrics.queue_depth = lambda: state.admission.waiting
         yield
         for backend in state.backends.values():
             backend.close()

@@ -42,6 +42,8 @@ class ServerConfig(_Section, frozen=True):
     body_timeout_s: float = 60.0  # the whole body, and never past the request's deadline
     keepalive_s: float = 30.0  # an idle kept-alive client connection is closed after this
     max_connections: int = 10000  # open client connections; see proxy/listener.py
+    queue_timeout_s: float = 30.0  # longest wait for a free target when all are full -> 503
+    max_queue: int = 4096  # requests waiting at once; one more is a 503 at once
 
 
 class TimeoutsConfig(_Section, frozen=True):
@@ -59,6 +61,23 @@ class AuthConfig(_Section, frozen=True):
 class HealthConfig(_Section, frozen=True):
     interval_s: float = 5.0
     timeout_s: float = 2.0
+    healthy_threshold: int = 1  # consecutive passing probes that bring a backend up
+    unhealthy_threshold: int = 2  # consecutive failing probes that take it down
+
+
+class OutlierConfig(_Section, frozen=True):
+    """Passive checks: a backend whose requests keep failing is ejected for a while."""
+
+    consecutive_failures: int = 5  # connect failures, resets before a byte, 5xx answers
+    base_ejection_s: float = 10.0  # the first ejection; each one after it doubles
+    max_ejection_s: float = 300.0
+
+
+class RoutingConfig(_Section, frozen=True):
+    """How the `affinity` policy keys requests and bounds each replica's share."""
+
+    prefix_bytes: int = 2048  # of the prompt (messages, prompt or input) that make the key
+    load_factor: float = 1.25  # a replica takes a key while its load is within this x average
 
 
 class BackendConfig(_Section, frozen=True):
@@ -79,6 +98,7 @@ class TargetConfig(_Section, frozen=True):
 
 
 EndpointType = Literal["llm/v1/chat", "llm/v1/completions", "llm/v1/embeddings"]
+Policy = Literal["least_loaded", "weighted", "affinity"]
 
 
 class ModelConfig(_Section, frozen=True):
@@ -86,6 +106,7 @@ class ModelConfig(_Section, frozen=True):
     fallbacks: tuple[str, ...] = ()
     endpoint_type: EndpointType = "llm/v1/chat"
     vision: bool = False
+    policy: Policy = "least_loaded"
 
 
 class Config(_Section, frozen=True):
@@ -93,6 +114,8 @@ class Config(_Section, frozen=True):
     timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    outlier_detection: OutlierConfig = msgspec.field(default_factory=OutlierConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     backends: dict[str, BackendConfig] = msgspec.field(default_factory=dict)
     models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
 
@@ -161,6 +184,8 @@ def _convert(raw: dict[str, Any], errors: list[str]) -> tuple[Config, frozenset[
         ("timeouts", TimeoutsConfig),
         ("auth", AuthConfig),
         ("health", HealthConfig),
+        ("outlier_detection", OutlierConfig),
+        ("routing", RoutingConfig),
     )
     for key, kind in singles:
         if key in raw:
@@ -239,6 +264,31 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
     )
     if not (_positive(config.health.interval_s) and _positive(config.health.timeout_s)):
         errors.append("health: interval_s and timeout_s must be positive")
+    h, o, r = config.health, config.outlier_detection, config.routing
+    errors.extend(
+        f"{where}: must be at least 1"
+        for where, value in (
+            ("health.healthy_threshold", h.healthy_threshold),
+            ("health.unhealthy_threshold", h.unhealthy_threshold),
+            ("outlier_detection.consecutive_failures", o.consecutive_failures),
+            ("routing.prefix_bytes", r.prefix_bytes),
+            ("server.max_queue", s.max_queue),
+        )
+        if value < 1
+    )
+    errors.extend(
+        f"{where}: must be a positive number"
+        for where, value in (
+            ("outlier_detection.base_ejection_s", o.base_ejection_s),
+            ("outlier_detection.max_ejection_s", o.max_ejection_s),
+            ("server.queue_timeout_s", s.queue_timeout_s),
+        )
+        if not _positive(value)
+    )
+    if o.max_ejection_s < o.base_ejection_s:
+        errors.append("outlier_detection.max_ejection_s: must not be below base_ejection_s")
+    if not (math.isfinite(r.load_factor) and r.load_factor > 1):
+        errors.append("routing.load_factor: must be a number above 1")
     if t.request_s > t.max_request_s:
         errors.append("timeouts.request_s: must not exceed timeouts.max_request_s")
     for name, backend in config.backends.items():
@@ -247,6 +297,35 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
         errors.append("backends: no backend configured")
     for name, model in config.models.items():
         errors.extend(_check_model(config, name, model, broken))
+    errors.extend(_fallback_cycles(config))
+    return errors
+
+
+def _fallback_cycles(config: Config) -> list[str]:
+    """A model whose fallbacks lead back to it (a -> b -> a), named once per cycle."""
+    errors: list[str] = []
+    reported: set[frozenset[str]] = set()
+    for start in config.models:
+        path = [start]
+        stack = [(start, iter(config.models[start].fallbacks))]
+        while stack:
+            _, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                path.pop()
+                continue
+            if child == start and len(path) > 1:
+                cycle = frozenset(path)
+                if cycle not in reported:
+                    reported.add(cycle)
+                    errors.append(
+                        f"models.{start}.fallbacks: a cycle ({' -> '.join([*path, start])}); "
+                        "a model may fall back to another only once"
+                    )
+            elif child in config.models and child not in path:
+                path.append(child)
+                stack.append((child, iter(config.models[child].fallbacks)))
     return errors
 
 

@@ -35,6 +35,7 @@ class Exchange:
         "status",
         "stream_complete",
         "stream_error",
+        "tries",
         "usage",
     )
 
@@ -59,6 +60,7 @@ class Exchange:
         self.stream_complete = False  # its protocol's last event reached the client
         self.open_event = False  # the bytes relayed so far end inside an SSE event
         self.event_gap: float | None = None  # mean seconds between a stream's events
+        self.tries: list[str] = []  # each backend tried, with why it was left when it was
 
 
 def disconnect_phase(ex: Exchange) -> str:

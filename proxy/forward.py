@@ -1,4 +1,4 @@
-"""The chain's upstream phases: admit, send, relay; fall back only before the first byte."""
+"""The chain's upstream phases: plan the order, admit, attempt, relay; retry only before a byte."""
 
 from __future__ import annotations
 
@@ -8,69 +8,155 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from proxy import relay
+from proxy.balance import Load, order
 from proxy.errors import BackendTimeout, BackendUnreachable, Overloaded, ProxyError
 from proxy.exchange import Exchange
+from proxy.fleet import request_failed, request_succeeded
 from proxy.headers import upstream_headers
-from proxy.routing import Target
+from proxy.routing import Plan, Step, Target
 from proxy.state import GatewayState
 from proxy.upstream import Backend, Response, send
-from proxy.view import replace_model
 
-Attempt = Callable[[Backend, Target], Awaitable[web.StreamResponse]]
+Attempt = Callable[[Backend, Target, bool], Awaitable[web.StreamResponse]]
 
-
-async def try_targets(
-    state: GatewayState, ex: Exchange, attempts: tuple[Target, ...], run: Attempt
-) -> web.StreamResponse:
-    """Run `run` on each target in turn until one answers.
-
-    A target at its `max_in_flight`, or one that could not be reached before any byte went
-    to the client, passes the request on to the next; a deadline that ran out does not.
-    """
-    failure: ProxyError = BackendUnreachable("no backend could take the request")
-    for target in attempts:
-        backend = state.backends[target.backend]
-        limit = backend.config.max_in_flight
-        if limit is not None and backend.in_flight >= limit:
-            failure = Overloaded(
-                f"backend '{backend.name}' is at its limit of {limit} requests in flight",
-                retry_after=1,
-            )
-            state.metrics.upstream_error(backend.name, failure.type)
-            continue
-        ex.backend = backend.name
-        backend.in_flight += 1
-        try:
-            return await run(backend, target)
-        except BackendUnreachable as err:
-            state.metrics.upstream_error(backend.name, err.type)
-            failure = err
-        except BackendTimeout as err:
-            state.metrics.upstream_error(backend.name, err.type)
-            raise
-        finally:
-            backend.in_flight -= 1
-    raise failure
+# A backend's answers that another target may do better with: too busy, or a gateway error.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+_SATURATED_S = 1.0  # a backend that answered 429 or 503 counts as full for this long
 
 
-async def forward(
-    request: web.Request,
+class Retry(Exception):
+    """This target cannot serve the request and nothing reached the client: try the next."""
+
+    def __init__(self, reason: str, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.reason = reason  # a proxy_retries_total label: unreachable, 429, 502, 503, 504
+        self.error = error
+
+
+async def try_plan(
     state: GatewayState,
     ex: Exchange,
-    attempts: tuple[Target, ...],
-    path: str,
-    body: bytes | None,
+    route: Plan,
+    run: Attempt,
     deadline: float,
+    key: bytes = b"",
 ) -> web.StreamResponse:
-    """Forward the body as received (only `model` rewritten where a target says so)."""
+    """Serve the request from the first target that answers: the chain as a newcomer reads it.
 
-    async def run(backend: Backend, target: Target) -> web.StreamResponse:
-        payload = body
-        if body is not None and target.upstream_model is not None:
-            payload = replace_model(body, target.upstream_model)
-        return await exchange(request, state, ex, backend, path, payload, deadline)
+    For each model of the plan (the requested one, then its fallbacks), its policy orders the
+    targets; each is tried once: a free slot is taken, the request sent, the slot given back
+    in `finally`. A target that fails before any byte reached the client (unreachable, reset,
+    or a 429/502/503/504 answer while other targets remain) passes the request on. When every
+    target left is full, the request waits in the deadline-ordered queue for a slot.
+    """
+    loop = asyncio.get_running_loop()
+    failure: ProxyError = BackendUnreachable("no backend could take the request")
+    tried: set[tuple[str, str | None]] = set()
+    pending = [(step, t) for step in route.steps for t in step.candidates]
+    while True:
+        full: list[tuple[Step, Target]] = []
+        for index, step in enumerate(route.steps):
+            ordered, reason = order(
+                step.policy,
+                step.candidates,
+                snapshot(state, step.candidates, loop.time()),
+                state.rng,
+                key,
+                state.config.routing.load_factor,
+            )
+            for place, target in enumerate(ordered):
+                if (target.backend, target.upstream_model) in tried:
+                    continue
+                backend = state.backends[target.backend]
+                if state.saturated.get(backend.name, 0.0) > loop.time() or not (
+                    state.admission.take(backend)
+                ):
+                    full.append((step, target))
+                    continue
+                why = "fallback" if index else reason if place == 0 else "retry"
+                tried.add((target.backend, target.upstream_model))
+                last = len(tried) == len(pending)
+                try:
+                    return await attempt(state, ex, route, backend, target, run, why, last)
+                except Retry as retry:
+                    failure = retry.error
+        if not full:
+            raise failure
+        started = loop.time()
+        backends = {state.backends[t.backend].name: state.backends[t.backend] for _, t in full}
+        give_up = started + state.config.server.queue_timeout_s
+        backend = await state.admission.wait(backends.values(), deadline, give_up)
+        state.metrics.queue_wait[route.model_label,].observe(loop.time() - started)
+        step, target = next((s, t) for s, t in full if t.backend == backend.name)
+        tried.add((target.backend, target.upstream_model))
+        try:
+            return await attempt(
+                state, ex, route, backend, target, run, "queued", len(tried) == len(pending),
+                slot_held=True,
+            )  # fmt: skip
+        except Retry as retry:
+            failure = retry.error
 
-    return await try_targets(state, ex, attempts, run)
+
+async def attempt(
+    state: GatewayState,
+    ex: Exchange,
+    route: Plan,
+    backend: Backend,
+    target: Target,
+    run: Attempt,
+    why: str,
+    last: bool,
+    *,
+    slot_held: bool = True,
+) -> web.StreamResponse:
+    """One try on one target whose slot is held; the slot is given back on every way out,
+    and the backend's health learns how it went."""
+    m, now = state.metrics, asyncio.get_running_loop().time
+    ex.backend = backend.name
+    ex.tries.append(backend.name)
+    m.decisions[route.model_label, backend.name, why] += 1
+    health = state.fleet[backend.name]
+    outlier = state.config.outlier_detection
+    try:
+        response = await run(backend, target, not last)
+    except Retry as retry:
+        ex.tries[-1] = f"{backend.name}:{retry.reason}"
+        m.retries[route.model_label, retry.reason] += 1
+        m.upstream_error(backend.name, retry.error.type)
+        if retry.reason in ("429", "503"):
+            state.saturated[backend.name] = now() + _SATURATED_S
+        elif request_failed(health, outlier, now()):
+            m.ejections[backend.name] += 1
+        raise
+    except BackendUnreachable as err:  # the last target: no retry left
+        m.upstream_error(backend.name, err.type)
+        if request_failed(health, outlier, now()):
+            m.ejections[backend.name] += 1
+        raise
+    except BackendTimeout as err:
+        m.upstream_error(backend.name, err.type)
+        raise
+    finally:
+        state.admission.give_back(backend)
+    if ex.status >= 500 or ex.stream_error == "backend_unreachable":
+        if request_failed(health, outlier, now()):
+            m.ejections[backend.name] += 1
+    else:
+        request_succeeded(health)
+    return response
+
+
+def snapshot(state: GatewayState, targets: tuple[Target, ...], now: float) -> dict[str, Load]:
+    """What routing needs to know of each target's backend at this instant."""
+    return {
+        t.backend: Load(
+            in_flight=(b := state.backends[t.backend]).in_flight,
+            limit=b.config.max_in_flight,
+            up=state.fleet[t.backend].up(now),
+        )
+        for t in targets
+    }
 
 
 async def exchange(
@@ -81,14 +167,20 @@ async def exchange(
     path: str,
     body: bytes | None,
     deadline: float,
+    may_retry: bool = False,
 ) -> web.StreamResponse:
-    """One backend, one try: send, relay; the upstream response is closed on every way out."""
+    """One backend, one try: send, relay; the upstream response is closed on every way out.
+
+    With `may_retry`, a failure before any byte reached the client, or an answer in
+    RETRY_STATUSES, raises `Retry` instead (the answer is not relayed).
+    """
     headers = upstream_headers(request.raw_headers, request_id=ex.request_id)
     target = backend.target(path, request.raw_path.partition("?")[2])
-    attempt = UpstreamTry(state, backend)
+    attempt = UpstreamTry(state, backend, may_retry)
     try:
         async with asyncio.timeout_at(deadline):
             attempt.upstream = upstream = await send(backend, request.method, target, headers, body)
+            attempt.check(upstream.status)
             attempt.response, attempt.complete = await relay.start(request, upstream, ex)
             if not attempt.complete:
                 attempt.complete = await relay.pump(
@@ -106,12 +198,18 @@ async def exchange(
 class UpstreamTry:
     """One try on one backend: what it has sent back so far, and how it ends."""
 
-    def __init__(self, state: GatewayState, backend: Backend) -> None:
+    def __init__(self, state: GatewayState, backend: Backend, may_retry: bool = False) -> None:
         self.state = state
         self.backend = backend
+        self.may_retry = may_retry
         self.upstream: Response | None = None
         self.response: web.StreamResponse | None = None
         self.complete = False
+
+    def check(self, status: int) -> None:
+        """An answer another target may do better with is not relayed while one remains."""
+        if self.may_retry and status in RETRY_STATUSES:
+            raise Retry(str(status), backend_status_error(self.backend, status))
 
     def broken(self, exc: Exception) -> tuple[web.StreamResponse, ProxyError]:
         """A failure during the try: raised as is while the client has nothing yet (so the
@@ -119,6 +217,8 @@ class UpstreamTry:
         if self.response is None:
             if isinstance(exc, TimeoutError):
                 raise timed_out(self.backend) from None
+            if self.may_retry and isinstance(exc, BackendUnreachable):
+                raise Retry("unreachable", exc) from None
             raise exc
         err = (
             BackendTimeout(
@@ -139,6 +239,15 @@ class UpstreamTry:
                 self.upstream.release()
             else:
                 self.upstream.close()
+
+
+def backend_status_error(backend: Backend, status: int) -> ProxyError:
+    """What the client gets when every target answered with a retryable status."""
+    if status in (429, 503):
+        return Overloaded(f"backend '{backend.name}' is overloaded (it answered {status})")
+    if status == 504:
+        return BackendTimeout(f"backend '{backend.name}' answered 504")
+    return BackendUnreachable(f"backend '{backend.name}' answered {status}")
 
 
 def timed_out(backend: Backend) -> BackendTimeout:

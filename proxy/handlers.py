@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -141,7 +142,7 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     """Readiness: every model has a healthy target."""
     state = request.app[STATE]
-    missing = unready_models(state.config, state.healthy)
+    missing = unready_models(state.config, state.healthy(asyncio.get_running_loop().time()))
     if missing:
         return json_response({"status": "unavailable", "unready": missing}, status=503)
     return json_response({"status": "ready"})

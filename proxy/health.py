@@ -12,6 +12,7 @@ from aiohttp import web
 
 from proxy.config import Config, health_path
 from proxy.errors import ProxyError
+from proxy.fleet import probed
 from proxy.state import STATE, GatewayState
 from proxy.upstream import Backend, fetch
 
@@ -33,11 +34,10 @@ async def check_all(state: GatewayState) -> None:
     timeout_s = state.config.health.timeout_s
     names = list(state.backends)
     results = await asyncio.gather(*(probe(state.backends[n], timeout_s) for n in names))
-    for name, up in zip(names, results, strict=True):
-        if state.healthy.get(name) != up:
-            logger.info("backend %s is %s", name, "up" if up else "down")
-        state.healthy[name] = up
-        state.metrics.backend_up[name] = 1 if up else 0
+    for name, passed in zip(names, results, strict=True):
+        health = state.fleet[name]
+        if probed(health, passed, state.config.health):
+            logger.info("backend %s is %s", name, "up" if health.probed_up else "down")
 
 
 async def backend_models(backend: Backend, timeout_s: float) -> list[dict[str, object]]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -35,6 +36,11 @@ _DURATION_STEPS: tuple[float, ...] = (
 INTER_EVENT_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
     0.5, 1.0, 2.5, 5.0,
+)  # fmt: skip
+
+# Time a request waited in the queue for a free target (up to server.queue_timeout_s).
+QUEUE_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 )  # fmt: skip
 
 # Where a client was when it went away (label values of proxy_client_disconnects_total).
@@ -98,8 +104,13 @@ class Metrics:
         self.disconnects: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.stream_chunks: defaultdict[str, int] = defaultdict(int)
         self.tokens: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self.backend_up: dict[str, int] = dict.fromkeys(backends, 0)
+        self.retries: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.decisions: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.ejections: defaultdict[str, int] = defaultdict(int)
+        self.queue_wait = Histograms(QUEUE_BUCKETS)
+        self.backend_up: Callable[[], dict[str, bool]] = lambda: dict.fromkeys(backends, False)
         self.in_flight: Callable[[], dict[str, int]] = lambda: dict.fromkeys(backends, 0)
+        self.queue_depth: Callable[[], int] = lambda: 0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         # process_resident_memory_bytes, process_open_fds, process_max_fds, CPU seconds...
@@ -195,16 +206,49 @@ class _Collector:
         yield tokens
         up = GaugeMetricFamily(
             "proxy_backend_up",
-            "1 when the backend's last health check passed, else 0.",
+            "1 when the backend may get traffic (its health checks pass and it is not ejected).",
             labels=["backend"],
         )
-        for name, value in m.backend_up.items():
-            up.add_metric([name], value)
+        for name, value in m.backend_up().items():
+            up.add_metric([name], 1 if value else 0)
         yield up
+        yield _counter(
+            "proxy_retries",
+            "Targets given up before any byte reached the client, and why (unreachable, or "
+            "the backend's 429, 502, 503 or 504): the request went on to the next target.",
+            ["model", "reason"],
+            m.retries,
+        )
+        yield _counter(
+            "proxy_routing_decisions",
+            "Targets tried, by why each was chosen (affinity, rebalanced, least_loaded, "
+            "weighted, only, retry, fallback, queued).",
+            ["model", "backend", "reason"],
+            m.decisions,
+        )
+        ejections = CounterMetricFamily(
+            "proxy_backend_ejections",
+            "Times a backend was ejected by outlier detection.",
+            labels=["backend"],
+        )
+        for name, count in m.ejections.items():
+            ejections.add_metric([name], count)
+        yield ejections
+        yield _histogram(
+            "proxy_queue_wait_seconds",
+            "Time requests waited for a free target (every target at its max_in_flight).",
+            ["model"],
+            m.queue_wait,
+        )
+        depth = GaugeMetricFamily(
+            "proxy_queue_depth", "Requests waiting for a free target now.", labels=[]
+        )
+        depth.add_metric([], m.queue_depth())
+        yield depth
 
 
 def _counter(
-    name: str, doc: str, labels: list[str], series: dict[tuple[str, str, str], int]
+    name: str, doc: str, labels: list[str], series: Mapping[Any, int]
 ) -> CounterMetricFamily:
     family = CounterMetricFamily(name, doc, labels=labels)
     for values, count in series.items():

@@ -6,11 +6,12 @@ import orjson
 from aiohttp import web
 
 from proxy.chain import begin
-from proxy.forward import exchange, try_targets
+from proxy.forward import exchange, try_plan
 from proxy.handlers import CHAT, OPENAI_POST_ROUTES, list_models, serve_openai
 from proxy.middleware import EXCHANGE
 from proxy.paths import subpath
 from proxy.routing import Target, plan
+from proxy.serve import affinity_of
 from proxy.state import STATE
 from proxy.translate import oicm
 from proxy.upstream import Backend
@@ -42,10 +43,10 @@ async def _as_is(
 ) -> web.StreamResponse:
     """Any other task path (rerank, embed, audio, ...): method, headers and body untouched."""
     state, ex = request.app[STATE], request[EXCHANGE]
-    route = plan(state.config, endpoint, state.rng, state.known_models)
+    route = plan(state.config, endpoint, state.known_models)
     ex.model_label = route.model_label
 
-    async def run(backend: Backend, target: Target) -> web.StreamResponse:
-        return await exchange(request, state, ex, backend, path, body, deadline)
+    async def run(backend: Backend, target: Target, may_retry: bool) -> web.StreamResponse:
+        return await exchange(request, state, ex, backend, path, body, deadline, may_retry)
 
-    return await try_targets(state, ex, route.attempts, run)
+    return await try_plan(state, ex, route, run, deadline, affinity_of(request, route, body))

@@ -1,13 +1,12 @@
-"""Which backend serves a request: the model's targets, weighted, then its fallbacks."""
+"""Which models serve a request: the requested one's targets, then its fallbacks' (any depth)."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Collection
 
 import msgspec
 
-from proxy.config import Config, ModelConfig
+from proxy.config import Config, ModelConfig, Policy
 from proxy.errors import NotFound
 
 UNKNOWN_MODEL = "unknown"
@@ -21,25 +20,45 @@ class Target(msgspec.Struct, frozen=True):
     weight: float = 1.0
 
 
+class Step(msgspec.Struct, frozen=True):
+    """One model of the chain: its targets, to be ordered by its policy when tried."""
+
+    model: str
+    policy: Policy
+    candidates: tuple[Target, ...]
+
+
 class Plan(msgspec.Struct, frozen=True):
-    """The targets to try in order (one per model of the fallback chain) and the metric label."""
+    """The models to try in order (the requested one, then its fallbacks, each once) and the
+    metric label."""
 
     model_label: str
-    attempts: tuple[Target, ...]
+    steps: tuple[Step, ...]
 
 
-def plan(config: Config, model: str, rng: random.Random, known: Collection[str] = ()) -> Plan:
-    """Resolve the client's `model` to an ordered list of targets, or raise `NotFound`."""
+def plan(config: Config, model: str, known: Collection[str] = ()) -> Plan:
+    """Resolve the client's `model` to the chain of models to try, or raise `NotFound`.
+
+    Fallbacks are followed to any depth, breadth first, each model once.
+    """
     if not config.models:
         label = model if model in known else UNKNOWN_MODEL
-        backends = [Target(backend=name, upstream_model=None) for name in config.backends]
-        return Plan(model_label=label, attempts=(pick(backends, rng),))
+        backends = tuple(Target(backend=name, upstream_model=None) for name in config.backends)
+        return Plan(model_label=label, steps=(Step(model, "least_loaded", backends),))
     entry = config.models.get(model)
     if entry is None:
         raise NotFound(f"model '{model[:200]}' does not exist; GET /v1/models lists the models")
-    chain = [pick(targets_of(model, entry, model), rng)]
-    chain.extend(pick(targets_of(n, config.models[n], model), rng) for n in entry.fallbacks)
-    return Plan(model_label=model, attempts=tuple(chain))
+    chain, queue = [model], list(entry.fallbacks)
+    while queue:
+        name = queue.pop(0)
+        if name not in chain and name in config.models:
+            chain.append(name)
+            queue.extend(config.models[name].fallbacks)
+    steps = tuple(
+        Step(name, config.models[name].policy, tuple(targets_of(name, config.models[name], model)))
+        for name in chain
+    )
+    return Plan(model_label=model, steps=steps)
 
 
 def targets_of(name: str, entry: ModelConfig, requested: str) -> list[Target]:
@@ -55,10 +74,3 @@ def targets_of(name: str, entry: ModelConfig, requested: str) -> list[Target]:
             )
         )
     return out
-
-
-def pick(targets: list[Target], rng: random.Random) -> Target:
-    """Weighted random choice among targets."""
-    if len(targets) == 1:
-        return targets[0]
-    return rng.choices(targets, weights=[t.weight for t in targets])[0]

@@ -9,17 +9,19 @@ from typing import Literal
 import orjson
 from aiohttp import web
 
+from proxy.balance import affinity_key
 from proxy.config import OptionalApi, serves
 from proxy.errors import Unsupported
-from proxy.forward import exchange, try_targets
+from proxy.forward import exchange, try_plan
 from proxy.middleware import EXCHANGE
-from proxy.routing import Target, plan
+from proxy.routing import Plan, Target, plan
 from proxy.state import STATE
 from proxy.translated import Adapter, exchange_translated
 from proxy.upstream import Backend
-from proxy.view import set_model
+from proxy.view import prompt_prefix, set_model
 
 NEVER: Literal["never"] = "never"  # no backend serves the route natively: always translate
+SESSION_HEADER = "X-Session-ID"  # requests that share it go to the same replica (`affinity`)
 
 
 async def serve_model(
@@ -43,17 +45,19 @@ async def serve_model(
     span of `model` in `body` when `peek` found it.
     """
     state, ex = request.app[STATE], request[EXCHANGE]
-    route = plan(state.config, model, state.rng, state.known_models)
+    route = plan(state.config, model, state.known_models)
     ex.model_label = route.model_label
     translation: Adapter | None = None
 
-    async def run(backend: Backend, target: Target) -> web.StreamResponse:
+    async def run(backend: Backend, target: Target, may_retry: bool) -> web.StreamResponse:
         nonlocal translation
         native = native_api is None or (native_api != NEVER and serves(backend.config, native_api))
         if native:
             upstream_model = target.upstream_model or (model if force_model else None)
             payload = body if upstream_model is None else set_model(body, upstream_model, model_at)
-            return await exchange(request, state, ex, backend, native_path, payload, deadline)
+            return await exchange(
+                request, state, ex, backend, native_path, payload, deadline, may_retry
+            )
         if adapter is None:
             raise Unsupported(
                 f"backend '{backend.name}' (kind {backend.config.kind}) does not serve "
@@ -67,6 +71,17 @@ async def serve_model(
         else:
             request_body = translation.chat_request(upstream_model)
         chat = orjson.dumps(request_body)
-        return await exchange_translated(request, state, ex, backend, translation, chat, deadline)
+        return await exchange_translated(
+            request, state, ex, backend, translation, chat, deadline, may_retry
+        )
 
-    return await try_targets(state, ex, route.attempts, run)
+    return await try_plan(state, ex, route, run, deadline, affinity_of(request, route, body))
+
+
+def affinity_of(request: web.Request, route: Plan, body: bytes | None) -> bytes:
+    """The request's key for the `affinity` policy (b"" when no model of the chain uses it)."""
+    if not any(step.policy == "affinity" for step in route.steps):
+        return b""
+    size = request.app[STATE].config.routing.prefix_bytes
+    prompt = prompt_prefix(body, size) if body else b""
+    return affinity_key(request.headers.get(SESSION_HEADER), prompt, size)

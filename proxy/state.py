@@ -8,8 +8,10 @@ import time
 from aiohttp import web
 
 from proxy.accesslog import AccessLog
+from proxy.admission import Admission
 from proxy.auth import KeySet
 from proxy.config import Config
+from proxy.fleet import BackendHealth
 from proxy.listener import GuardedServer
 from proxy.metrics import Metrics
 from proxy.upstream import Backend
@@ -37,9 +39,16 @@ class GatewayState:
         self.max_body = int(config.server.max_body_mb * 1024 * 1024)
         # Model ids the backends listed (no-models mode): the only ones used as metric labels.
         self.known_models: set[str] = set()
-        self.healthy: dict[str, bool] = dict.fromkeys(config.backends, False)
         # The server guarding client connections, once the gateway listens.
         self.clients: GuardedServer | None = None
+        self.fleet = {name: BackendHealth() for name in config.backends}
+        self.admission = Admission(config.server.max_queue)
+        # Backends that answered 429 or 503 lately count as full until this loop time.
+        self.saturated: dict[str, float] = {}
+
+    def healthy(self, now: float) -> dict[str, bool]:
+        """Each backend: probed up and not ejected, at `now` (monotonic)."""
+        return {name: health.up(now) for name, health in self.fleet.items()}
 
 
 STATE: web.AppKey[GatewayState] = web.AppKey("state", GatewayState)

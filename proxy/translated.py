@@ -27,10 +27,9 @@ from proxy.errors import (
     Unsupported,
 )
 from proxy.exchange import Exchange
-from proxy.forward import UpstreamTry, try_targets
+from proxy.forward import UpstreamTry
 from proxy.headers import REQUEST_ID
 from proxy.relay import finish
-from proxy.routing import Target
 from proxy.state import GatewayState
 from proxy.translate.chat_stream import ChatStreamParser
 from proxy.upstream import Backend, Response, send
@@ -69,25 +68,6 @@ class Adapter(Protocol):
     def stream_failed(self, err: ProxyError) -> bytes: ...
 
 
-async def forward_translated(
-    request: web.Request,
-    state: GatewayState,
-    ex: Exchange,
-    attempts: tuple[Target, ...],
-    adapter: Adapter,
-    requested_model: str,
-    deadline: float,
-) -> web.StreamResponse:
-    """Send the translated request to each target in turn; translate what comes back."""
-
-    async def run(backend: Backend, target: Target) -> web.StreamResponse:
-        chat = adapter.chat_request(target.upstream_model or requested_model)
-        body = orjson.dumps(chat)
-        return await exchange_translated(request, state, ex, backend, adapter, body, deadline)
-
-    return await try_targets(state, ex, attempts, run)
-
-
 async def exchange_translated(
     request: web.Request,
     state: GatewayState,
@@ -96,8 +76,11 @@ async def exchange_translated(
     adapter: Adapter,
     body: bytes,
     deadline: float,
+    may_retry: bool = False,
 ) -> web.StreamResponse:
-    """One backend, one try, with the translated `body`; closed upstream on every way out."""
+    """One backend, one try, with the translated `body`; closed upstream on every way out.
+
+    With `may_retry`, a failure before any byte went out raises `Retry` (see `exchange`)."""
     headers = (
         b"Content-Type: application/json\r\nAccept: */*\r\n"
         + b"X-Request-ID: "
@@ -105,10 +88,11 @@ async def exchange_translated(
         + b"\r\n"
     )
     target = backend.target(adapter.upstream_path)
-    attempt = UpstreamTry(state, backend)
+    attempt = UpstreamTry(state, backend, may_retry)
     try:
         async with asyncio.timeout_at(deadline) as timer:
             attempt.upstream = upstream = await send(backend, "POST", target, headers, body)
+            attempt.check(upstream.status)
             if not 200 <= upstream.status < 300:
                 raise backend_error(upstream.status, await upstream.read(1024 * 1024))
             if not adapter.stream:

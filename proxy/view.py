@@ -203,6 +203,31 @@ def _lower(exc: Exception) -> str:
     return text if text[1:2].isupper() else text[:1].lower() + text[1:]
 
 
+class _Prompt(msgspec.Struct, frozen=True):
+    """The fields that hold a request's prompt, in each protocol, as zero-copy bytes."""
+
+    messages: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # OpenAI chat, Anthropic
+    prompt: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # completions
+    input: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # embeddings, Responses
+    contents: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # Gemini
+    system: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # Anthropic's system prompt
+
+
+_PROMPT = msgspec.json.Decoder(_Prompt)
+
+
+def prompt_prefix(body: bytes, size: int) -> bytes:
+    """The first `size` bytes of the body's prompt (system prompt first), as sent; b"" when
+    the body has none or is not JSON (routing then has no prefix to keep together)."""
+    try:
+        fields = _PROMPT.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return b""
+    parts = (fields.system, fields.messages, fields.prompt, fields.input, fields.contents)
+    sent = [bytes(memoryview(part)[:size]) for part in parts if part is not msgspec.UNSET]
+    return b"".join(sent)[:size]
+
+
 class _ModelValue(msgspec.Struct, frozen=True):
     """The top-level `model` value as a zero-copy view of its bytes in the body."""
 

@@ -115,10 +115,14 @@ async def test_unreachable_backend_is_502(gateway_factory) -> None:
 
 
 async def test_overloaded_is_503_with_retry_after(gateway_factory, upstream) -> None:
-    """A backend at max_in_flight gives 503 overloaded with Retry-After."""
+    """A backend at max_in_flight for longer than server.queue_timeout_s gives 503 overloaded
+    with Retry-After."""
     from tests.fakes import slow_json_script
 
-    text = f"backends:\n  gpu: {{url: '{upstream.url}', max_in_flight: 1}}\n"
+    text = (
+        f"backends:\n  gpu: {{url: '{upstream.url}', max_in_flight: 1}}\n"
+        "server: {queue_timeout_s: 0.1}\n"
+    )
     gw = await gateway_factory(text)
     upstream.script["/v1/chat/completions"] = slow_json_script(0.5)
     first = asyncio.create_task(call(gw.url + "/v1/chat/completions", b'{"model": "m"}'))

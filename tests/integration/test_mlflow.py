@@ -164,7 +164,8 @@ async def test_retry_after_lets_the_client_retry(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
     upstream.script["/v1/chat/completions"] = slow_json_script(0.3)
     gw = await gateway_factory(
-        f"backends:\n  gpu: {{url: '{upstream.url}', kind: vllm, max_in_flight: 1}}\n{MODELS}",
+        f"backends:\n  gpu: {{url: '{upstream.url}', kind: vllm, max_in_flight: 1}}\n{MODELS}"
+        "server: {queue_timeout_s: 0.05}\n",
         {"API_KEYS": KEY},
     )
     headers = {"Authorization": f"Bearer {KEY}"}

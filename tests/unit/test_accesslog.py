@@ -26,6 +26,7 @@ def finished_stream() -> Exchange:
     ex.principal = authenticate(headers, KeySet([SECRET, "sk-other"]))
     ex.model_label = "qwen"
     ex.backend = "gpu-a"
+    ex.tries = ["gpu-b:503", "gpu-a"]
     ex.status = 200
     ex.sse = True
     ex.first_byte_at = 100.25
@@ -48,6 +49,7 @@ def test_access_record_fields() -> None:
         "route": "/v1/chat/completions",
         "model": "qwen",
         "backend": "gpu-a",
+        "tries": ["gpu-b:503", "gpu-a"],
         "status": 200,
         "duration_ms": 1500.0,
         "ttfb_ms": 250.0,

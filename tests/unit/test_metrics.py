@@ -86,7 +86,7 @@ def test_render_names_and_labels() -> None:
     m.upstream_error("gpu", "backend_timeout")
     m.stream_chunks["m"] += 7
     m.tokens["m", "prompt"] += 5
-    m.backend_up["gpu"] = 1
+    m.backend_up = lambda: {"gpu": True}
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in text_string_to_metric_families(m.render().decode())

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import random
-from collections import Counter
-
 import pytest
 
 from proxy.config import load_config
 from proxy.errors import NotFound
 from proxy.health import unready_models
-from proxy.routing import UNKNOWN_MODEL, Plan, Target, pick, plan, targets_of
+from proxy.routing import UNKNOWN_MODEL, Plan, Step, Target, plan, targets_of
 
 BACKENDS = """
 backends:
@@ -43,32 +40,25 @@ ROUTED = load_config(BACKENDS + MODELS)
 
 
 def test_no_models_passes_through_with_a_known_label() -> None:
-    """Without models, a model a backend listed is its own label and the body is untouched."""
-    result = plan(PASSTHROUGH, "llama3", random.Random(1), known={"llama3", "other"})
+    """Without models, a model a backend listed is its own label and the body is untouched;
+    every backend is a candidate."""
+    result = plan(PASSTHROUGH, "llama3", known={"llama3", "other"})
     assert "llama3" == result.model_label
-    assert 1 == len(result.attempts)
-    assert result.attempts[0].upstream_model is None
-    assert result.attempts[0].backend in PASSTHROUGH.backends
+    assert 1 == len(result.steps)
+    assert {"gpu-a", "gpu-b", "gpu-c"} == {t.backend for t in result.steps[0].candidates}
+    assert {None} == {t.upstream_model for t in result.steps[0].candidates}
 
 
 def test_no_models_labels_an_unlisted_model_unknown() -> None:
     """Without models, a name no backend listed is still forwarded, labelled `unknown`."""
-    result = plan(PASSTHROUGH, "made-up-model", random.Random(1), known={"llama3"})
+    result = plan(PASSTHROUGH, "made-up-model", known={"llama3"})
     assert UNKNOWN_MODEL == result.model_label == "unknown"
-    assert result.attempts[0].upstream_model is None
-
-
-def test_no_models_spreads_over_every_backend() -> None:
-    """Without models, requests go to every configured backend."""
-    rng = random.Random(5)
-    chosen = {plan(PASSTHROUGH, "m", rng).attempts[0].backend for _ in range(200)}
-    assert {"gpu-a", "gpu-b", "gpu-c"} == chosen
 
 
 def test_unknown_model_is_not_found() -> None:
     """With models configured, a name not among them is a 404 pointing at /v1/models."""
     with pytest.raises(NotFound) as caught:
-        plan(ROUTED, "gpt-4o", random.Random(1))
+        plan(ROUTED, "gpt-4o")
     assert 404 == caught.value.status
     assert "model 'gpt-4o' does not exist; GET /v1/models lists the models" == caught.value.message
 
@@ -76,33 +66,46 @@ def test_unknown_model_is_not_found() -> None:
 def test_not_found_quotes_at_most_200_characters() -> None:
     """A huge model name is not echoed back whole."""
     with pytest.raises(NotFound) as caught:
-        plan(ROUTED, "x" * 10_000, random.Random(1))
+        plan(ROUTED, "x" * 10_000)
     assert f"model '{'x' * 200}' does not exist" in caught.value.message
 
 
 def test_plan_with_fallbacks() -> None:
-    """A model's own target comes first, then one per fallback, in the configured order."""
+    """The model's own targets come first, then each fallback's, in the configured order."""
     expected = Plan(
         model_label="qwen",
-        attempts=(
-            Target(backend="gpu-a", upstream_model="Qwen/Qwen2.5-7B-Instruct"),
-            Target(backend="gpu-b", upstream_model="qwen-small"),
-            Target(backend="gpu-c", upstream_model="meta-llama/Llama-3.1-8B"),
+        steps=(
+            Step("qwen", "least_loaded", (Target("gpu-a", "Qwen/Qwen2.5-7B-Instruct"),)),
+            Step("qwen-small", "least_loaded", (Target("gpu-b", "qwen-small"),)),
+            Step("llama", "least_loaded", (Target("gpu-c", "meta-llama/Llama-3.1-8B"),)),
         ),
     )
-    assert expected == plan(ROUTED, "qwen", random.Random(1))
+    assert expected == plan(ROUTED, "qwen")
+
+
+def test_fallbacks_of_fallbacks_each_model_once() -> None:
+    """Fallbacks are followed to any depth, breadth first, and no model is tried twice."""
+    config = load_config(
+        BACKENDS
+        + "models:\n"
+        + "  a: {targets: [{backend: gpu-a}], fallbacks: [b, c]}\n"
+        + "  b: {targets: [{backend: gpu-b}], fallbacks: [d, c]}\n"
+        + "  c: {targets: [{backend: gpu-c}]}\n"
+        + "  d: {targets: [{backend: gpu-a, model: dd}]}\n"
+    )
+    assert ["a", "b", "c", "d"] == [step.model for step in plan(config, "a").steps]
 
 
 def test_fallback_targets_get_the_fallbacks_name() -> None:
     """A fallback target without its own model id is sent the fallback's name, not the client's."""
-    attempts = plan(ROUTED, "qwen", random.Random(1)).attempts
-    assert "qwen-small" == attempts[1].upstream_model
+    steps = plan(ROUTED, "qwen").steps
+    assert "qwen-small" == steps[1].candidates[0].upstream_model
 
 
 def test_upstream_model_none_when_it_equals_what_was_sent() -> None:
     """No rewrite is planned when the upstream id is the name the client sent."""
-    assert (Target("gpu-b", None),) == plan(ROUTED, "qwen-small", random.Random(1)).attempts
-    assert (Target("gpu-a", None),) == plan(ROUTED, "same", random.Random(1)).attempts
+    assert (Target("gpu-b", None),) == plan(ROUTED, "qwen-small").steps[0].candidates
+    assert (Target("gpu-a", None),) == plan(ROUTED, "same").steps[0].candidates
 
 
 def test_targets_of_names_and_weights() -> None:
@@ -117,29 +120,15 @@ def test_targets_of_names_and_weights() -> None:
     )
 
 
-def test_weights_are_respected() -> None:
-    """With weights 3:1, about three draws in four go to the first target."""
-    rng = random.Random(20240601)
-    targets = targets_of("split", ROUTED.models["split"], "split")
-    counts = Counter(pick(targets, rng).backend for _ in range(4000))
-    assert abs(counts["gpu-a"] - 3000) < 150  # the standard deviation is about 27
-    assert 4000 == counts["gpu-a"] + counts["gpu-b"]
-
-
-def test_plan_uses_the_weights() -> None:
-    """plan() draws its first target by weight too."""
-    rng = random.Random(7)
-    counts = Counter(plan(ROUTED, "split", rng).attempts[0].backend for _ in range(4000))
-    assert abs(counts["gpu-a"] - 3000) < 150
-
-
-def test_single_target_draws_no_random_number() -> None:
-    """One target is returned as is, without touching the random generator."""
-    rng = random.Random(3)
-    state = rng.getstate()
-    target = Target("gpu-a", "m", 0.5)
-    assert target == pick([target], rng)
-    assert state == rng.getstate()
+def test_policy_comes_from_the_model() -> None:
+    """Each step carries its own model's policy (least_loaded unless configured)."""
+    config = load_config(
+        BACKENDS
+        + "models:\n"
+        + "  a: {targets: [{backend: gpu-a}], fallbacks: [b], policy: affinity}\n"
+        + "  b: {targets: [{backend: gpu-b}], policy: weighted}\n"
+    )
+    assert ["affinity", "weighted"] == [step.policy for step in plan(config, "a").steps]
 
 
 # --- readiness (health.unready_models) ---------------------------------------------------

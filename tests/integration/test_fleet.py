@@ -1,0 +1,240 @@
+"""A fleet behind one name, on real sockets: retries and fallbacks before the first byte,
+the deadline-ordered queue, outlier ejection, least_loaded and affinity, one load count on
+every route family."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.fakes import chat_body, json_script, slow_json_script
+from tests.integration.test_bad_input import call, call_text
+from tests.integration.test_metrics import samples, value
+
+CHAT = "/v1/chat/completions"
+BODY = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
+
+
+def fleet(*urls: str, policy: str = "least_loaded", extra: str = "", limit: str = "") -> str:
+    backends = "".join(
+        f"  b{i}: {{url: '{url}', kind: vllm{limit}}}\n" for i, url in enumerate(urls)
+    )
+    targets = ", ".join(f"{{backend: b{i}}}" for i in range(len(urls)))
+    return f"backends:\n{backends}models:\n  m: {{targets: [{targets}], policy: {policy}}}\n{extra}"
+
+
+async def scrape(url: str) -> dict:
+    return samples(await call_text(url + "/metrics"))
+
+
+@pytest.mark.parametrize("status", [429, 502, 503, 504])
+async def test_a_retryable_answer_goes_on_to_the_next_target(
+    gateway_factory, upstream_factory, status
+) -> None:
+    """A 429/502/503/504 from one target, before any byte reached the client, is not
+    relayed: the next target answers, and the retry is counted and logged."""
+    bad, good = await upstream_factory(), await upstream_factory()
+    bad.script[CHAT] = json_script(status, {"error": "busy"})
+    gw = await gateway_factory(fleet(bad.url, good.url, policy="weighted"))
+    for _ in range(6):  # whichever the policy leads with, each request ends on `good`
+        code, payload, _ = await call(gw.url + CHAT, BODY)
+        assert (200, "chat.completion") == (code, payload["object"])
+    got = await scrape(gw.url)
+    assert len(bad.posts) == value(got, "proxy_retries_total", model="m", reason=str(status))
+    tries = [
+        json.loads(line)["tries"] for line in gw.access_lines() if b'"route":"/v1/chat' in line
+    ]
+    assert {f"b0:{status}"} >= {t[0] for t in tries if len(t) == 2}
+
+
+async def test_a_meant_status_is_relayed_not_retried(gateway_factory, upstream_factory) -> None:
+    """400, 401, 403, 404 and 422 are the backend's answer to this request: relayed as sent."""
+    first, second = await upstream_factory(), await upstream_factory()
+    for fake in (first, second):
+        fake.script[CHAT] = json_script(422, {"detail": "bad field"})
+    gw = await gateway_factory(fleet(first.url, second.url))
+    code, payload, _ = await call(gw.url + CHAT, BODY)
+    assert (422, {"detail": "bad field"}) == (code, payload)
+    assert 1 == len(first.posts) + len(second.posts)
+
+
+async def test_the_last_target_s_retryable_answer_is_relayed(gateway_factory, upstream) -> None:
+    """With no target left, the backend's own 503 (its body, its status) reaches the client."""
+    upstream.script[CHAT] = json_script(503, {"error": "server busy"})
+    gw = await gateway_factory(fleet(upstream.url))
+    assert (503, {"error": "server busy"}) == (await call(gw.url + CHAT, BODY))[:2]
+
+
+async def test_unreachable_targets_and_fallbacks_of_fallbacks(gateway_factory, upstream) -> None:
+    """Targets that refuse connections are passed over, then the model's fallbacks and
+    theirs, in order, within the one deadline."""
+    config = (
+        "backends:\n"
+        "  dead1: {url: 'http://127.0.0.1:9', kind: vllm}\n"
+        "  dead2: {url: 'http://127.0.0.1:9', kind: vllm}\n"
+        f"  live: {{url: '{upstream.url}', kind: vllm}}\n"
+        "models:\n"
+        "  m: {targets: [{backend: dead1}, {backend: dead2}], fallbacks: [n]}\n"
+        "  n: {targets: [{backend: dead1, model: n1}], fallbacks: [o]}\n"
+        "  o: {targets: [{backend: live, model: up-o}]}\n"
+    )
+    gw = await gateway_factory(config)
+    code, _, _ = await call(gw.url + CHAT, BODY)
+    assert 200 == code
+    assert b'"model": "up-o"' in upstream.last.body or b'"model":"up-o"' in upstream.last.body
+    line = json.loads(gw.access_lines()[-1])
+    assert ["dead1:unreachable", "dead2:unreachable", "dead1:unreachable", "live"] == sorted(
+        line["tries"][:2]
+    ) + line["tries"][2:]
+
+
+async def test_the_queue_serves_the_nearest_deadline_first(gateway_factory, upstream) -> None:
+    """With the only target full, waiting requests get the slot in deadline order, not in
+    arrival order."""
+    upstream.script[CHAT] = slow_json_script(0.3)
+    gw = await gateway_factory(fleet(upstream.url, limit=", max_in_flight: 1"))
+    busy = asyncio.create_task(call(gw.url + CHAT, BODY))
+    await wait_for(lambda: len(upstream.posts) == 1)
+    order: list[str] = []
+
+    async def queued(name: str, budget: str) -> None:
+        body = BODY.replace(b'"hi"', f'"{name}"'.encode())
+        code, _, _ = await call(gw.url + CHAT, body, {"OICM-Request-Timeout": budget})
+        assert 200 == code
+        order.append(name)
+
+    late = asyncio.create_task(queued("late", "60"))
+    await wait_for(lambda: gw.state.admission.waiting == 1)
+    soon = asyncio.create_task(queued("soon", "10"))
+    await wait_for(lambda: gw.state.admission.waiting == 2)
+    await asyncio.gather(busy, late, soon)
+    sent = [json.loads(r.body)["messages"][0]["content"] for r in upstream.posts]
+    assert ["hi", "soon", "late"] == sent
+    got = await scrape(gw.url)
+    assert 2 == value(got, "proxy_queue_wait_seconds_count", model="m")
+    assert 0 == value(got, "proxy_queue_depth")
+
+
+async def test_a_deadline_that_passes_in_the_queue_is_a_504_at_once(
+    gateway_factory, upstream
+) -> None:
+    """A request whose deadline passes while it waits gets its 504 then, and never reaches a
+    backend; one that waits past server.queue_timeout_s gets 503 overloaded."""
+    upstream.script[CHAT] = slow_json_script(2)
+    gw = await gateway_factory(
+        fleet(upstream.url, limit=", max_in_flight: 1", extra="server: {queue_timeout_s: 0.5}\n")
+    )
+    busy = asyncio.create_task(call(gw.url + CHAT, BODY))
+    await wait_for(lambda: len(upstream.posts) == 1)
+    started = time.monotonic()
+    code, payload, _ = await call(gw.url + CHAT, BODY, {"OICM-Request-Timeout": "0.2"})
+    assert (504, "backend_timeout") == (code, payload["error"]["type"])
+    assert time.monotonic() - started < 0.45
+    code, payload, headers = await call(gw.url + CHAT, BODY)
+    assert (503, "overloaded", "1") == (code, payload["error"]["type"], headers["Retry-After"])
+    assert 1 == len(upstream.posts)
+    busy.cancel()
+
+
+async def test_clients_that_leave_the_queue_leave_nothing(gateway_factory, upstream) -> None:
+    """A queue whose clients all go away empties, and none of them reaches a backend."""
+    upstream.script[CHAT] = slow_json_script(1)
+    gw = await gateway_factory(fleet(upstream.url, limit=", max_in_flight: 1"))
+    busy = asyncio.create_task(call(gw.url + CHAT, BODY))
+    await wait_for(lambda: len(upstream.posts) == 1)
+    leavers = [asyncio.create_task(call(gw.url + CHAT, BODY)) for _ in range(5)]
+    await wait_for(lambda: gw.state.admission.waiting == 5)
+    for task in leavers:
+        task.cancel()
+    await wait_for(lambda: gw.state.admission.waiting == 0)
+    assert 200 == (await busy)[0]
+    await wait_for(lambda: gw.state.backends["b0"].in_flight == 0)
+    assert 1 == len(upstream.posts)
+
+
+async def test_a_failing_backend_is_ejected(gateway_factory, upstream_factory) -> None:
+    """Consecutive 5xx answers eject a backend: it shows as down, is counted, and the other
+    target takes the traffic until its ejection ends."""
+    bad, good = await upstream_factory(), await upstream_factory()
+    bad.script[CHAT] = json_script(500, {"error": "engine died"})
+    extra = "outlier_detection: {consecutive_failures: 2, base_ejection_s: 60}\n"
+    gw = await gateway_factory(fleet(bad.url, good.url, policy="weighted", extra=extra))
+    await wait_for(lambda: all(h.probed_up for h in gw.state.fleet.values()))
+    for _ in range(30):
+        await call(gw.url + CHAT, BODY)
+        if gw.state.fleet["b0"].ejected_until:
+            break
+    assert 2 == len(bad.posts)
+    posts = len(good.posts)
+    for _ in range(5):
+        assert 200 == (await call(gw.url + CHAT, BODY))[0]
+    assert (2, posts + 5) == (len(bad.posts), len(good.posts))
+    got = await scrape(gw.url)
+    assert 1 == value(got, "proxy_backend_ejections_total", backend="b0")
+    assert (0, 1) == (
+        value(got, "proxy_backend_up", backend="b0"),
+        value(got, "proxy_backend_up", backend="b1"),
+    )
+
+
+ROUTE_FAMILIES = {
+    "openai": ("/v1/chat/completions", BODY),
+    "anthropic": ("/anthropic/v1/messages", b'{"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}'),
+    "mlflow": ("/endpoints/m/invocations", b'{"messages": [{"role": "user", "content": "hi"}]}'),
+    "oicm": ("/models/m/proxy/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}]}'),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ROUTE_FAMILIES)
+async def test_every_route_family_counts_its_load(
+    gateway_factory, upstream_factory, family
+) -> None:
+    """On every route family a request in flight counts on its backend (least_loaded sends
+    the next one elsewhere) and the count returns to 0 when it ends."""
+    path, body = ROUTE_FAMILIES[family]
+    slow, fast = await upstream_factory(), await upstream_factory()
+    answer = chat_body()
+    for fake in (slow, fast):
+        fake.script["/v1/chat/completions"] = slow_json_script(0.5, answer)
+        fake.script["/v1/messages"] = slow_json_script(0.5, answer)
+    config = fleet(slow.url, fast.url).replace("kind: vllm", "kind: tgi")
+    gw = await gateway_factory(config)
+    first = asyncio.create_task(call(gw.url + path, body))
+    await wait_for(lambda: len(slow.posts) + len(fast.posts) == 1)
+    busy = "b0" if slow.posts else "b1"
+    assert 1 == gw.state.backends[busy].in_flight
+    second = asyncio.create_task(call(gw.url + path, body))
+    await wait_for(lambda: len(slow.posts) + len(fast.posts) == 2)
+    assert 1 == len(slow.posts) == len(fast.posts)  # least_loaded saw the first one's slot
+    assert [200, 200] == [(await t)[0] for t in (first, second)]
+    await wait_for(lambda: all(b.in_flight == 0 for b in gw.state.backends.values()))
+
+
+async def test_affinity_keeps_a_session_on_one_replica_in_every_gateway(
+    gateway_factory, upstream_factory
+) -> None:
+    """Requests with the same X-Session-ID go to the same replica, and two gateways in front
+    of the same replicas make the same choice without talking to each other."""
+    fakes = [await upstream_factory() for _ in range(3)]
+    config = fleet(*(f.url for f in fakes), policy="affinity")
+    gateways = [await gateway_factory(config) for _ in range(2)]
+    for gw in gateways:
+        await wait_for(lambda gw=gw: all(h.probed_up for h in gw.state.fleet.values()))
+    chosen: dict[str, set[str]] = {}
+    for session in ("alice", "bob", "carol", "dave", "erin", "frank"):
+        for gw in gateways:
+            for _ in range(3):
+                assert 200 == (await call(gw.url + CHAT, BODY, {"X-Session-ID": session}))[0]
+                backend = json.loads(gw.access_lines()[-1])["backend"]
+                chosen.setdefault(session, set()).add(backend)
+    assert all(1 == len(backends) for backends in chosen.values()), chosen
+    assert len({next(iter(b)) for b in chosen.values()}) > 1  # sessions spread over replicas
+    got = await scrape(gateways[0].url)
+    assert 18 == sum(
+        v for (name, labels), v in got.items()
+        if name == "proxy_routing_decisions_total" and dict(labels)["reason"] == "affinity"
+    )  # fmt: skip

@@ -1,0 +1,109 @@
+"""The routing policies over a snapshot of load: weighted, least_loaded, affinity."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from proxy.balance import Load, affinity_key, order
+from proxy.routing import Target
+
+A, B, C = Target("a", None, 1.0), Target("b", None, 1.0), Target("c", None, 1.0)
+
+
+def loads(**in_flight: int) -> dict[str, Load]:
+    return {name: Load(in_flight=n, limit=None, up=True) for name, n in in_flight.items()}
+
+
+def test_down_targets_come_last() -> None:
+    """A backend that is down or ejected is tried only when nothing else is left."""
+    snapshot = {**loads(a=0, c=5), "b": Load(0, None, up=False)}
+    ranked, _ = order("least_loaded", [A, B, C], snapshot, random.Random(1))
+    assert B == ranked[-1]
+    assert ([A, B], "only") == order("least_loaded", [B, A], snapshot, random.Random(1))
+
+
+def test_weighted_splits_by_weight() -> None:
+    """`weighted` leads with each target about as often as its weight says (3:1)."""
+    heavy = Target("a", None, 3.0)
+    rng = random.Random(20240601)
+    counts = Counter(
+        order("weighted", [heavy, B], loads(a=0, b=0), rng)[0][0].backend for _ in range(4000)
+    )
+    assert abs(counts["a"] - 3000) < 150  # the standard deviation is about 27
+
+
+def test_least_loaded_prefers_fewer_in_flight() -> None:
+    """Of two drawn targets the less loaded leads; the rest follow by load per weight."""
+    snapshot = loads(a=10, b=0, c=5)
+    leads = Counter(
+        order("least_loaded", [A, B, C], snapshot, random.Random(seed))[0][0].backend
+        for seed in range(300)
+    )
+    assert 0 == leads["a"]  # the busiest never wins a pair
+    assert leads["b"] > leads["c"] > 0
+    ranked, reason = order("least_loaded", [A, B, C], snapshot, random.Random(3))
+    assert "least_loaded" == reason
+    assert A == ranked[-1]
+
+
+def test_least_loaded_divides_by_weight() -> None:
+    """A target with twice the weight takes twice the load before it looks as busy."""
+    big = Target("a", None, 2.0)
+    ranked, _ = order("least_loaded", [big, B], loads(a=3, b=2), random.Random(1))
+    assert big == ranked[0]  # 3/2 < 2/1
+
+
+def test_affinity_is_sticky_and_the_same_in_every_gateway() -> None:
+    """The same key leads to the same replica whatever the random state (two gateways agree
+    without talking); different keys spread over the replicas."""
+    key = affinity_key("session-42", b"", 2048)
+    firsts = {
+        order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(s), key)[0][0]
+        for s in range(20)
+    }
+    assert 1 == len(firsts)
+    spread = Counter(
+        order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), f"k{i}".encode())[0][
+            0
+        ].backend
+        for i in range(3000)
+    )
+    assert min(spread.values()) > 800  # about a third each
+
+
+def test_affinity_moves_only_the_keys_of_a_replica_that_went_away() -> None:
+    """With one replica down, keys that led elsewhere keep their replica (rendezvous hashing)."""
+    snapshot = loads(a=0, b=0, c=0)
+    down = {**snapshot, "c": Load(0, None, up=False)}
+    for i in range(500):
+        key = f"k{i}".encode()
+        before = order("affinity", [A, B, C], snapshot, random.Random(0), key)[0][0]
+        after = order("affinity", [A, B, C], down, random.Random(0), key)[0][0]
+        assert before in (after, C)
+
+
+def test_affinity_rebalances_past_the_load_bound() -> None:
+    """A replica above load_factor x the mean load is passed over for the key (`rebalanced`)."""
+    key = b"prefix:hello"
+    home = order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), key)[0][0]
+    busy = loads(a=0, b=0, c=0) | {home.backend: Load(30, None, True)}
+    ranked, reason = order("affinity", [A, B, C], busy, random.Random(0), key, 1.25)
+    assert "rebalanced" == reason
+    assert home == ranked[-1]
+    calm, reason = order("affinity", [A, B, C], loads(a=1, b=1, c=1), random.Random(0), key)
+    assert (home, "affinity") == (calm[0], reason)
+
+
+def test_affinity_without_a_key_is_least_loaded() -> None:
+    """A request with neither a session nor a prompt is placed by load."""
+    _, reason = order("affinity", [A, B], loads(a=0, b=1), random.Random(0), b"")
+    assert "least_loaded" == reason
+
+
+def test_affinity_key() -> None:
+    """The session id wins; else the prompt's first bytes; else nothing."""
+    assert b"session:s1" == affinity_key("s1", b"prompt", 4)
+    assert b"prefix:prom" == affinity_key(None, b"prompt", 4)
+    assert b"" == affinity_key(None, b"", 4)
+    assert 8 + 256 == len(affinity_key("x" * 1000, b"", 4))
