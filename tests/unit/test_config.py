@@ -530,3 +530,33 @@ def test_client_limits_have_safe_defaults() -> None:
         server.keepalive_s,
         server.max_connections,
     )
+
+
+def test_a_fallback_cycle_is_a_config_error() -> None:
+    """Fallbacks that lead back to a model are refused, naming the cycle once."""
+    errors = errors_of(
+        "backends: {a: {url: 'http://h:1'}}\n"
+        "models:\n"
+        "  x: {targets: [{backend: a}], fallbacks: [y]}\n"
+        "  y: {targets: [{backend: a}], fallbacks: [x]}\n"
+    )
+    assert [
+        "models.x.fallbacks: a cycle (x -> y -> x); a model may fall back to another only once"
+    ] == errors
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("health: {unhealthy_threshold: 0}", "health.unhealthy_threshold: must be at least 1"),
+        ("outlier_detection: {base_ejection_s: 0}", "outlier_detection.base_ejection_s: must be a positive number"),
+        ("outlier_detection: {base_ejection_s: 20, max_ejection_s: 10}", "outlier_detection.max_ejection_s: must not be below base_ejection_s"),
+        ("routing: {load_factor: 1}", "routing.load_factor: must be a number above 1"),
+        ("server: {queue_timeout_s: -1}", "server.queue_timeout_s: must be a positive number"),
+        ("models: {m: {targets: [{backend: a}], policy: random}}", "models.m.policy: "),
+    ],
+)  # fmt: skip
+def test_fleet_settings_are_checked(text: str, error: str) -> None:
+    """The fleet's settings are checked like every other value."""
+    errors = errors_of(f"backends: {{a: {{url: 'http://h:1'}}}}\n{text}\n")
+    assert any(e.startswith(error) for e in errors), errors
