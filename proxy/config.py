@@ -51,6 +51,7 @@ class TimeoutsConfig(_Section, frozen=True):
     max_request_s: float = 3600.0
     connect_s: float = 5.0
     idle_s: float = 60.0
+    head_s: float | None = None  # longest wait for an answer's head; then the next target
 
 
 class AuthConfig(_Section, frozen=True):
@@ -289,6 +290,8 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
         errors.append("outlier_detection.max_ejection_s: must not be below base_ejection_s")
     if not (math.isfinite(r.load_factor) and r.load_factor > 1):
         errors.append("routing.load_factor: must be a number above 1")
+    if t.head_s is not None and not _positive(t.head_s):
+        errors.append("timeouts.head_s: must be a positive number")
     if t.request_s > t.max_request_s:
         errors.append("timeouts.request_s: must not exceed timeouts.max_request_s")
     for name, backend in config.backends.items():

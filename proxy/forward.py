@@ -24,12 +24,16 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 _SATURATED_S = 1.0  # a backend that answered 429 or 503 counts as full for this long
 
 
+class HeadTimeout(Exception):
+    """The backend sent no answer's head within `timeouts.head_s`."""
+
+
 class Retry(Exception):
     """This target cannot serve the request and nothing reached the client: try the next."""
 
     def __init__(self, reason: str, error: ProxyError) -> None:
         super().__init__(error.message)
-        self.reason = reason  # a proxy_retries_total label: unreachable, 429, 502, 503, 504
+        self.reason = reason  # proxy_retries_total: unreachable, timeout, 429, 502, 503, 504
         self.error = error
 
 
@@ -179,14 +183,13 @@ async def exchange(
     attempt = UpstreamTry(state, backend, may_retry)
     try:
         async with asyncio.timeout_at(deadline):
-            attempt.upstream = upstream = await send(backend, request.method, target, headers, body)
-            attempt.check(upstream.status)
+            upstream = await attempt.send(request.method, target, headers, body)
             attempt.response, attempt.complete = await relay.start(request, upstream, ex)
             if not attempt.complete:
                 attempt.complete = await relay.pump(
                     request, upstream, attempt.response, ex, deadline, state.config.timeouts.idle_s
                 )
-    except (TimeoutError, BackendUnreachable) as exc:
+    except (TimeoutError, HeadTimeout, BackendUnreachable) as exc:
         response, err = attempt.broken(exc)
         await relay.end_with_error(request, response, err, ex)
     finally:
@@ -206,10 +209,22 @@ class UpstreamTry:
         self.response: web.StreamResponse | None = None
         self.complete = False
 
-    def check(self, status: int) -> None:
-        """An answer another target may do better with is not relayed while one remains."""
-        if self.may_retry and status in RETRY_STATUSES:
-            raise Retry(str(status), backend_status_error(self.backend, status))
+    async def send(
+        self, method: str, target: bytes, headers: bytes, body: bytes | None
+    ) -> Response:
+        """Send the request and wait for the answer's head (for at most `timeouts.head_s`).
+
+        An answer another target may do better with is not relayed while one remains.
+        """
+        head_s = self.state.config.timeouts.head_s
+        try:
+            async with asyncio.timeout(head_s):
+                self.upstream = upstream = await send(self.backend, method, target, headers, body)
+        except TimeoutError:  # this one's own: the request's deadline comes as a cancel
+            raise HeadTimeout from None
+        if self.may_retry and upstream.status in RETRY_STATUSES:
+            raise Retry(str(upstream.status), backend_status_error(self.backend, upstream.status))
+        return upstream
 
     def broken(self, exc: Exception) -> tuple[web.StreamResponse, ProxyError]:
         """A failure during the try: raised as is while the client has nothing yet (so the
@@ -217,6 +232,13 @@ class UpstreamTry:
         if self.response is None:
             if isinstance(exc, TimeoutError):
                 raise timed_out(self.backend) from None
+            if isinstance(exc, HeadTimeout):
+                slow = BackendTimeout(
+                    f"backend '{self.backend.name}' sent no answer within timeouts.head_s"
+                )
+                if self.may_retry:
+                    raise Retry("timeout", slow) from None
+                raise slow from None
             if self.may_retry and isinstance(exc, BackendUnreachable):
                 raise Retry("unreachable", exc) from None
             raise exc

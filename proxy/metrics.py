@@ -214,8 +214,8 @@ class _Collector:
         yield up
         yield _counter(
             "proxy_retries",
-            "Targets given up before any byte reached the client, and why (unreachable, or "
-            "the backend's 429, 502, 503 or 504): the request went on to the next target.",
+            "Targets given up before any byte reached the client, and why (unreachable, timeout, "
+            "or the backend's 429, 502, 503 or 504): the request went on to the next target.",
             ["model", "reason"],
             m.retries,
         )

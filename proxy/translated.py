@@ -27,12 +27,12 @@ from proxy.errors import (
     Unsupported,
 )
 from proxy.exchange import Exchange
-from proxy.forward import UpstreamTry
+from proxy.forward import HeadTimeout, UpstreamTry
 from proxy.headers import REQUEST_ID
 from proxy.relay import finish
 from proxy.state import GatewayState
 from proxy.translate.chat_stream import ChatStreamParser
-from proxy.upstream import Backend, Response, send
+from proxy.upstream import Backend, Response
 from proxy.usage import TAIL_BYTES, usage_in
 
 _MAX_ANSWER = 64 * 1024 * 1024
@@ -91,8 +91,7 @@ async def exchange_translated(
     attempt = UpstreamTry(state, backend, may_retry)
     try:
         async with asyncio.timeout_at(deadline) as timer:
-            attempt.upstream = upstream = await send(backend, "POST", target, headers, body)
-            attempt.check(upstream.status)
+            upstream = await attempt.send("POST", target, headers, body)
             if not 200 <= upstream.status < 300:
                 raise backend_error(upstream.status, await upstream.read(1024 * 1024))
             if not adapter.stream:
@@ -107,7 +106,7 @@ async def exchange_translated(
                 attempt.complete = await _pump(
                     upstream, response, adapter, ex, timer, deadline, state.config.timeouts.idle_s
                 )
-    except (TimeoutError, BackendUnreachable) as exc:
+    except (TimeoutError, HeadTimeout, BackendUnreachable) as exc:
         response, err = attempt.broken(exc)
         await _end_with_error(response, adapter, err, ex)
     finally:

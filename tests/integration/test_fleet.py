@@ -5,9 +5,11 @@ every route family."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
+import aiohttp
 import pytest
 
 from tests.conftest import wait_for
@@ -238,3 +240,79 @@ async def test_affinity_keeps_a_session_on_one_replica_in_every_gateway(
         v for (name, labels), v in got.items()
         if name == "proxy_routing_decisions_total" and dict(labels)["reason"] == "affinity"
     )  # fmt: skip
+
+
+HEALTHY = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def misbehaving(answer: bytes | None):
+    """A backend that passes its health probes and misbehaves on every POST: it sends
+    `answer` (not HTTP), or with None never answers until the gateway hangs up."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while head := await reader.read(65536):
+                if head.startswith(b"GET"):
+                    writer.write(HEALTHY)
+                elif answer is not None:
+                    writer.write(answer)
+                    await writer.drain()
+                    break
+        writer.close()
+
+    return serve
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [(None, "timeout"), (b"SSH-2.0-OpenSSH_9.6\r\n\x00\x01garbage", "unreachable")],
+    ids=["silent", "garbage"],
+)
+async def test_a_broken_target_is_passed_over(gateway_factory, upstream, answer, reason) -> None:
+    """A target that never answers (cut at timeouts.head_s) or answers garbage is left for
+    the next one: the client gets its answer, well before its deadline."""
+    server = await asyncio.start_server(misbehaving(answer), "127.0.0.1", 0)
+    broken = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    config = (
+        "timeouts: {head_s: 0.3}\n"
+        "backends:\n"
+        f"  broken: {{url: '{broken}', kind: vllm}}\n"
+        f"  good: {{url: '{upstream.url}', kind: vllm}}\n"
+        "models:\n  m: {targets: [{backend: broken, weight: 1000}, {backend: good, weight: 0.001}],"
+        " policy: weighted}\n"
+    )
+    gw = await gateway_factory(config)
+    await wait_for(lambda: all(h.probed_up for h in gw.state.fleet.values()))
+    try:
+        started = time.monotonic()
+        code, payload, _ = await call(gw.url + CHAT, BODY, {"OICM-Request-Timeout": "5"})
+        assert (200, "chat.completion") == (code, payload["object"])
+        assert time.monotonic() - started < 3
+        assert [f"broken:{reason}", "good"] == json.loads(gw.access_lines()[-1])["tries"]
+    finally:
+        server.close()
+
+
+async def test_a_stream_cut_after_its_first_byte_is_not_retried(
+    gateway_factory, upstream_factory
+) -> None:
+    """Once a byte reached the client, a backend that dies ends the stream with the error
+    event; no other target gets the request."""
+    from tests.fakes import stream_script
+
+    dying, other = await upstream_factory(), await upstream_factory()
+    dying.script[CHAT] = stream_script(tokens=5, cut_after=2)
+    config = (
+        f"backends:\n  dying: {{url: '{dying.url}', kind: vllm}}\n"
+        f"  other: {{url: '{other.url}', kind: vllm}}\n"
+        "models:\n  m: {targets: [{backend: dying, weight: 1000}, {backend: other, weight: 0.001}],"
+        " policy: weighted}\n"
+    )
+    gw = await gateway_factory(config)
+    async with aiohttp.ClientSession() as s:
+        body = b'{"model": "m", "stream": true}'
+        async with s.post(gw.url + CHAT, data=body) as r:
+            text = await r.read()
+    assert b'"type":"backend_unreachable"' in text
+    assert b"[DONE]" not in text
+    assert ([], 1) == (other.posts, len(dying.posts))
