@@ -8,7 +8,9 @@ else is left (a health check may lag the truth in both directions).
 
 - `weighted`: a random split by weight (the MLflow style of traffic split).
 - `least_loaded`: the power of two random choices, weighted: of two targets drawn by weight,
-  the one with fewer requests in flight per unit of weight; the rest by the same measure.
+  the one with fewer requests in flight per unit of weight (plus what the backend itself
+  reports queued, from a fresh scrape of its `/metrics`; a full KV cache puts it last); the
+  rest by the same measure.
 - `affinity`: requests with the same key (an `X-Session-ID`, else the prompt's first bytes)
   go to the same replica: rendezvous hashing over the targets that are up, so two gateways
   in front of the same replicas agree without talking to each other, and a replica that goes
@@ -36,6 +38,8 @@ class Load(msgspec.Struct, frozen=True):
     in_flight: int
     limit: int | None  # max_in_flight
     up: bool  # healthy and not ejected
+    queued: float = 0.0  # requests the backend itself says it queues (fresh scrapes only)
+    kv: float = 0.0  # its KV-cache use, 0-1 (fresh scrapes only)
 
     @property
     def full(self) -> bool:
@@ -80,8 +84,16 @@ def _by_weight(targets: list[Target], rng: random.Random) -> list[Target]:
     return out
 
 
+# A backend whose KV cache is this full would preempt or queue a new request: tried last.
+KV_FULL = 0.98
+
+
 def _pressure(target: Target, loads: Mapping[str, Load]) -> float:
-    return loads[target.backend].in_flight / target.weight
+    """Requests in flight through this gateway plus those the backend queues, per unit of
+    weight; a backend with a full KV cache after every other."""
+    load = loads[target.backend]
+    busy = (load.in_flight + load.queued) / target.weight
+    return busy + (1e9 if load.kv >= KV_FULL else 0.0)
 
 
 def _least_loaded(

@@ -14,6 +14,7 @@ from proxy.exchange import Exchange
 from proxy.fleet import request_failed, request_succeeded
 from proxy.headers import upstream_headers
 from proxy.routing import Plan, Step, Target
+from proxy.signals import fresh
 from proxy.state import GatewayState
 from proxy.upstream import Backend, Response, send
 
@@ -153,14 +154,19 @@ async def attempt(
 
 def snapshot(state: GatewayState, targets: tuple[Target, ...], now: float) -> dict[str, Load]:
     """What routing needs to know of each target's backend at this instant."""
-    return {
-        t.backend: Load(
-            in_flight=(b := state.backends[t.backend]).in_flight,
-            limit=b.config.max_in_flight,
+    interval = state.config.health.interval_s
+    loads = {}
+    for t in targets:
+        backend = state.backends[t.backend]
+        own = fresh(state.signals.get(t.backend), now, interval)
+        loads[t.backend] = Load(
+            in_flight=backend.in_flight,
+            limit=backend.config.max_in_flight,
             up=state.fleet[t.backend].up(now),
+            queued=(own.queued or 0.0) if own is not None else 0.0,
+            kv=(own.kv or 0.0) if own is not None else 0.0,
         )
-        for t in targets
-    }
+    return loads
 
 
 async def exchange(

@@ -13,6 +13,7 @@ from aiohttp import web
 from proxy.config import Config, health_path
 from proxy.errors import ProxyError
 from proxy.fleet import probed
+from proxy.signals import MAX_METRICS_BYTES, exports, parse
 from proxy.state import STATE, GatewayState
 from proxy.upstream import Backend, fetch
 
@@ -66,9 +67,25 @@ async def discover_models(state: GatewayState) -> list[dict[str, object]]:
     return list(seen.values())
 
 
+async def scrape(state: GatewayState, backend: Backend) -> None:
+    """Read a backend's own load signals from its /metrics (a failure keeps the old ones,
+    which then go stale and stop counting)."""
+    try:
+        async with asyncio.timeout(state.config.health.timeout_s):
+            status, body = await fetch(backend, "/metrics", limit=MAX_METRICS_BYTES)
+    except (TimeoutError, ProxyError):
+        return
+    if status == 200:
+        now = asyncio.get_running_loop().time()
+        state.signals[backend.name] = parse(backend.config.kind, body, now)
+
+
 async def _poll(state: GatewayState) -> None:
     while True:
         await check_all(state)
+        await asyncio.gather(
+            *(scrape(state, b) for b in state.backends.values() if exports(b.config.kind))
+        )
         for backend in state.backends.values():
             backend.pool.sweep()
         if not state.config.models:

@@ -14,6 +14,7 @@ from proxy.config import Config
 from proxy.fleet import BackendHealth
 from proxy.listener import GuardedServer
 from proxy.metrics import Metrics
+from proxy.signals import Signals
 from proxy.upstream import Backend
 
 
@@ -45,6 +46,8 @@ class GatewayState:
         self.admission = Admission(config.server.max_queue)
         # Backends that answered 429 or 503 lately count as full until this loop time.
         self.saturated: dict[str, float] = {}
+        # The backends' own load, from their /metrics, scraped beside the health checks.
+        self.signals: dict[str, Signals] = {}
 
     def healthy(self, now: float) -> dict[str, bool]:
         """Each backend: probed up and not ejected, at `now` (monotonic)."""

@@ -316,3 +316,26 @@ async def test_a_stream_cut_after_its_first_byte_is_not_retried(
     assert b'"type":"backend_unreachable"' in text
     assert b"[DONE]" not in text
     assert ([], 1) == (other.posts, len(dying.posts))
+
+
+async def test_least_loaded_reads_the_backends_own_queues(
+    gateway_factory, upstream_factory
+) -> None:
+    """A vLLM that says (in its /metrics, scraped in the background) that it queues many
+    requests gets no new ones while an idle replica has room, though the gateway has none in
+    flight on either (staleness is unit-tested in test_signals)."""
+    from aiohttp import web
+
+    queued, idle = await upstream_factory(), await upstream_factory()
+    waiting = {"n": 50}
+
+    async def metrics(request, rec):
+        return web.Response(text=f'vllm:num_requests_waiting{{model_name="m"}} {waiting["n"]}\n')
+
+    queued.script["/metrics"] = metrics
+    idle.script["/metrics"] = json_script(200, {})  # not Prometheus text: no signal
+    gw = await gateway_factory(fleet(queued.url, idle.url, extra="health: {interval_s: 0.1}\n"))
+    await wait_for(lambda: "b0" in gw.state.signals and gw.state.fleet["b1"].probed_up)
+    for _ in range(20):
+        assert 200 == (await call(gw.url + CHAT, BODY))[0]
+    assert (0, 20) == (len(queued.posts), len(idle.posts))
