@@ -1,4 +1,8 @@
-"""Serving one model request: route, then for each target forward as is or translate."""
+"""Serving one model request: route, then for each target forward as is or translate.
+
+Every surface (OpenAI, MLflow, OICM, Anthropic, Gemini) ends here: `serve_openai` for bodies in
+OpenAI's shapes, `serve_model` under it for any of them.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Literal
 import orjson
 from aiohttp import web
 
+from proxy.adapters import ChatTemplateAdapter, ResponsesAdapter
 from proxy.balance import affinity_key
 from proxy.config import OptionalApi, serves
 from proxy.errors import Unsupported
@@ -18,7 +23,7 @@ from proxy.routing import Plan, Target, plan
 from proxy.state import STATE
 from proxy.translated import Adapter, exchange_translated
 from proxy.upstream import Backend
-from proxy.view import prompt_prefix, set_model
+from proxy.view import decode_object, prompt_prefix, set_model
 
 NEVER: Literal["never"] = "never"  # no backend serves the route natively: always translate
 SESSION_HEADER = "X-Session-ID"  # requests that share it go to the same replica (`affinity`)
@@ -85,3 +90,62 @@ def affinity_of(request: web.Request, route: Plan, body: bytes | None) -> bytes:
     size = request.app[STATE].config.routing.prefix_bytes
     prompt = prompt_prefix(body, size) if body else b""
     return affinity_key(request.headers.get(SESSION_HEADER), prompt, size)
+
+
+# The OpenAI routes every surface maps onto, and the helper routes beside them.
+CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+)
+OPENAI_POST_ROUTES = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
+# vLLM's and SGLang's helper routes (vLLM's benchmark client calls /tokenize first); not
+# every kind has them, so each is an optional API (`serves`).
+HELPER_ROUTES: dict[str, OptionalApi] = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
+
+
+async def serve_openai(
+    request: web.Request,
+    path: str,
+    model: str,
+    body: bytes,
+    deadline: float,
+    *,
+    chat_template: bool = False,
+    force_model: bool = False,
+    model_at: tuple[int, int] | None = None,
+) -> web.StreamResponse:
+    """An OpenAI-shaped request for `model` at `path`: forwarded as is where the backend
+    serves the route, translated where it does not (Responses; a `chat_template`).
+    `model_at`: where `peek` found `model` in `body`."""
+    if path == EMBEDDINGS:
+        return await serve_model(
+            request, model, body, deadline,
+            native_path=path, native_api="embeddings", force_model=force_model,
+            model_at=model_at,
+        )  # fmt: skip
+    if path == RESPONSES:
+        return await serve_model(
+            request, model, body, deadline,
+            native_path=path, native_api="responses", force_model=force_model,
+            model_at=model_at,
+            adapter=lambda: ResponsesAdapter(decode_object(body), model, vision_of(request, model)),
+        )  # fmt: skip
+    if path == CHAT and chat_template:
+        return await serve_model(
+            request, model, body, deadline,
+            native_path=path, native_api="chat_template", force_model=force_model,
+            model_at=model_at,
+            adapter=lambda: ChatTemplateAdapter(decode_object(body)),
+        )  # fmt: skip
+    return await serve_model(
+        request, model, body, deadline,
+        native_path=path, force_model=force_model, model_at=model_at,
+    )  # fmt: skip
+
+
+def vision_of(request: web.Request, model: str) -> bool:
+    """Whether the configured model takes images (translated routes refuse them otherwise)."""
+    entry = request.app[STATE].config.models.get(model)
+    return entry is not None and entry.vision

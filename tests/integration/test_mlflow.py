@@ -14,7 +14,7 @@ from mlflow.deployments import get_deploy_client
 
 from bench.simbackend import start_simbackend
 from proxy.errors import InvalidRequest
-from proxy.routes_mlflow import page
+from proxy.routes.mlflow import page
 from tests.conftest import MLFLOW_KEY, wait_for
 from tests.fakes import json_script, slow_json_script
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest
-from proxy.routes_mlflow import page
+from proxy.routes.mlflow import page
 from proxy.translate.oicm import chat_template_to_completion_request, tgi_to_chat_request
 from proxy.translate.template import render_prompt
 from tests.unit.test_properties_json import FAST, JSON, OBJECT, TEXT, mutated, shaped

@@ -5,13 +5,13 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from proxy.chain import begin
+from proxy.catalog import model_cards
+from proxy.chain import begin, json_response
 from proxy.forward import exchange, try_plan
-from proxy.handlers import CHAT, OPENAI_POST_ROUTES, list_models, serve_openai
 from proxy.middleware import EXCHANGE
 from proxy.paths import subpath
 from proxy.routing import Target, plan
-from proxy.serve import affinity_of
+from proxy.serve import CHAT, OPENAI_POST_ROUTES, affinity_of, serve_openai
 from proxy.state import STATE
 from proxy.translate import oicm
 from proxy.upstream import Backend
@@ -24,7 +24,8 @@ async def endpoint_proxy(request: web.Request) -> web.StreamResponse:
     endpoint = request.match_info["endpoint"]
     path = subpath(request.raw_path, 3)  # after /models/{endpoint}/proxy, as the client sent it
     if path == "/v1/models" and request.method in ("GET", "HEAD"):
-        return await list_models(request)
+        cards = await model_cards(request.app[STATE])
+        return json_response({"object": "list", "data": cards})
     body, deadline = await begin(request)
     if path in OPENAI_POST_ROUTES and request.method == "POST":
         kind = peek_invocation(body)

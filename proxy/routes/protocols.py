@@ -7,8 +7,7 @@ from aiohttp import web
 from proxy.adapters import AnthropicAdapter, GeminiAdapter
 from proxy.chain import begin
 from proxy.errors import InvalidRequest, NotFound
-from proxy.handlers import vision_of
-from proxy.serve import NEVER, serve_model
+from proxy.serve import NEVER, serve_model, vision_of
 from proxy.view import decode_object, peek
 
 GEMINI_VERSIONS = ("v1", "v1beta")

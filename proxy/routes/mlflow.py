@@ -7,9 +7,10 @@ import binascii
 
 from aiohttp import web
 
+from proxy.catalog import model_cards
 from proxy.chain import begin, json_response
 from proxy.errors import InvalidRequest, NotFound
-from proxy.handlers import CHAT, COMPLETIONS, EMBEDDINGS, model_cards, serve_openai
+from proxy.serve import CHAT, COMPLETIONS, EMBEDDINGS, serve_openai
 from proxy.state import STATE, GatewayState
 from proxy.view import peek_invocation
 

@@ -1,0 +1,62 @@
+"""The OpenAI routes (and vLLM's helper routes): each body's `model` names what serves it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from proxy.catalog import model_cards
+from proxy.chain import begin, json_response
+from proxy.errors import NotFound
+from proxy.serve import HELPER_ROUTES, serve_model, serve_openai
+from proxy.state import STATE
+from proxy.view import peek
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def helper_route(path: str) -> Handler:
+    """A handler for a helper route (/tokenize, /detokenize), addressed by the body's
+    `model` and forwarded as is to a target whose kind serves it (else a 501)."""
+    api = HELPER_ROUTES[path]
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body, deadline = await begin(request)
+        view = peek(body)
+        return await serve_model(
+            request, view.model, body, deadline,
+            native_path=path, native_api=api, model_at=view.model_at,
+        )  # fmt: skip
+
+    return handle
+
+
+def openai_route(path: str) -> Handler:
+    """A handler for an OpenAI-style POST route, addressed by the body's `model`."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body, deadline = await begin(request)
+        view = peek(body)
+        return await serve_openai(
+            request, path, view.model, body, deadline,
+            chat_template=view.chat_template, model_at=view.model_at,
+        )  # fmt: skip
+
+    return handle
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: the configured models, or the backends' own lists merged."""
+    state = request.app[STATE]
+    return json_response({"object": "list", "data": await model_cards(state)})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: one model card, or a 404 envelope."""
+    state = request.app[STATE]
+    wanted = request.match_info["model"]
+    for card in await model_cards(state):
+        if card.get("id") == wanted:
+            return json_response(card)
+    raise NotFound(f"model '{wanted[:200]}' does not exist; GET /v1/models lists the models")

@@ -1,0 +1,32 @@
+"""The operational routes: liveness, readiness and the Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from proxy.chain import json_response
+from proxy.health import unready_models
+from proxy.metrics import CONTENT_TYPE
+from proxy.state import STATE
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the process serves."""
+    return json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: every model has a healthy target."""
+    state = request.app[STATE]
+    missing = unready_models(state.config, state.healthy(asyncio.get_running_loop().time()))
+    if missing:
+        return json_response({"status": "unavailable", "unready": missing}, status=503)
+    return json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
