@@ -1,4 +1,8 @@
-"""The first links of every model route's chain: the body, the deadline, the JSON answer."""
+"""The first links of every model route's chain: the body, the deadline, the JSON answer.
+
+`begin` makes the `Call` that every later phase (plan, admit, attempt, relay) is handed: the
+request, the gateway's state, the request's record and its body and deadline, in one object.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,20 @@ from proxy.state import STATE
 from proxy.timeouts import TIMEOUT_HEADER, request_budget
 
 
-async def begin(request: web.Request) -> tuple[bytes, float]:
+class Call:
+    """One request on its way through the chain, from `begin` on."""
+
+    __slots__ = ("body", "deadline", "ex", "request", "state")
+
+    def __init__(self, request: web.Request, body: bytes, deadline: float) -> None:
+        self.request = request
+        self.state = request.app[STATE]
+        self.ex = request[EXCHANGE]
+        self.body = body  # as received (a route may put its own translation in its place)
+        self.deadline = deadline  # event-loop time
+
+
+async def begin(request: web.Request) -> Call:
     """The request's body (capped by server.max_body_mb) and its deadline (event-loop time).
 
     The deadline counts from the request's arrival; a malformed timeout header is refused
@@ -46,7 +63,7 @@ async def begin(request: web.Request) -> tuple[bytes, float]:
     except (ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError) as exc:
         raise ClientGone from exc
     ex.bytes_in = len(body)
-    return body, deadline
+    return Call(request, body, deadline)
 
 
 def json_response(value: object, status: int = 200) -> web.Response:

@@ -9,8 +9,8 @@ from aiohttp import web
 
 from proxy import relay
 from proxy.balance import Load, order
+from proxy.chain import Call
 from proxy.errors import BackendTimeout, BackendUnreachable, Overloaded, ProxyError
-from proxy.exchange import Exchange
 from proxy.fleet import request_failed, request_succeeded
 from proxy.headers import upstream_headers
 from proxy.routing import Plan, Step, Target
@@ -38,14 +38,7 @@ class Retry(Exception):
         self.error = error
 
 
-async def try_plan(
-    state: GatewayState,
-    ex: Exchange,
-    route: Plan,
-    run: Attempt,
-    deadline: float,
-    key: bytes = b"",
-) -> web.StreamResponse:
+async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> web.StreamResponse:
     """Serve the request from the first target that answers: the chain as a newcomer reads it.
 
     For each model of the plan (the requested one, then its fallbacks), its policy orders the
@@ -54,7 +47,7 @@ async def try_plan(
     or a 429/502/503/504 answer while other targets remain) passes the request on. When every
     target left is full, the request waits in the deadline-ordered queue for a slot.
     """
-    loop = asyncio.get_running_loop()
+    state, loop = call.state, asyncio.get_running_loop()
     failure: ProxyError = BackendUnreachable("no backend could take the request")
     tried: set[tuple[str, str | None]] = set()
     pending = [(step, t) for step in route.steps for t in step.candidates]
@@ -82,7 +75,7 @@ async def try_plan(
                 tried.add((target.backend, target.upstream_model))
                 last = len(tried) == len(pending)
                 try:
-                    return await attempt(state, ex, route, backend, target, run, why, last)
+                    return await attempt(call, route, backend, target, run, why, last)
                 except Retry as retry:
                     failure = retry.error
         if not full:
@@ -90,33 +83,23 @@ async def try_plan(
         started = loop.time()
         backends = {state.backends[t.backend].name: state.backends[t.backend] for _, t in full}
         give_up = started + state.config.server.queue_timeout_s
-        backend = await state.admission.wait(backends.values(), deadline, give_up)
+        backend = await state.admission.wait(backends.values(), call.deadline, give_up)
         state.metrics.queue_wait[route.model_label,].observe(loop.time() - started)
         step, target = next((s, t) for s, t in full if t.backend == backend.name)
         tried.add((target.backend, target.upstream_model))
         try:
-            return await attempt(
-                state, ex, route, backend, target, run, "queued", len(tried) == len(pending),
-                slot_held=True,
-            )  # fmt: skip
+            last = len(tried) == len(pending)
+            return await attempt(call, route, backend, target, run, "queued", last)
         except Retry as retry:
             failure = retry.error
 
 
 async def attempt(
-    state: GatewayState,
-    ex: Exchange,
-    route: Plan,
-    backend: Backend,
-    target: Target,
-    run: Attempt,
-    why: str,
-    last: bool,
-    *,
-    slot_held: bool = True,
+    call: Call, route: Plan, backend: Backend, target: Target, run: Attempt, why: str, last: bool
 ) -> web.StreamResponse:
     """One try on one target whose slot is held; the slot is given back on every way out,
     and the backend's health learns how it went."""
+    state, ex = call.state, call.ex
     m, now = state.metrics, asyncio.get_running_loop().time
     ex.backend = backend.name
     ex.tries.append(backend.name)
@@ -170,20 +153,14 @@ def snapshot(state: GatewayState, targets: tuple[Target, ...], now: float) -> di
 
 
 async def exchange(
-    request: web.Request,
-    state: GatewayState,
-    ex: Exchange,
-    backend: Backend,
-    path: str,
-    body: bytes | None,
-    deadline: float,
-    may_retry: bool = False,
+    call: Call, backend: Backend, path: str, body: bytes | None, may_retry: bool = False
 ) -> web.StreamResponse:
     """One backend, one try: send, relay; the upstream response is closed on every way out.
 
     With `may_retry`, a failure before any byte reached the client, or an answer in
     RETRY_STATUSES, raises `Retry` instead (the answer is not relayed).
     """
+    request, state, ex, deadline = call.request, call.state, call.ex, call.deadline
     headers = upstream_headers(request.raw_headers, request_id=ex.request_id)
     target = backend.target(path, request.raw_path.partition("?")[2])
     attempt = UpstreamTry(state, backend, may_retry)

@@ -15,10 +15,10 @@ from aiohttp import web
 
 from proxy.adapters import ChatTemplateAdapter, ResponsesAdapter
 from proxy.balance import affinity_key
+from proxy.chain import Call
 from proxy.config import OptionalApi, serves
 from proxy.errors import Unsupported
 from proxy.forward import exchange, try_plan
-from proxy.middleware import EXCHANGE
 from proxy.routing import Plan, Target, plan
 from proxy.state import STATE
 from proxy.translated import Adapter, exchange_translated
@@ -30,10 +30,8 @@ SESSION_HEADER = "X-Session-ID"  # requests that share it go to the same replica
 
 
 async def serve_model(
-    request: web.Request,
+    call: Call,
     model: str,
-    body: bytes,
-    deadline: float,
     *,
     native_path: str,
     native_api: OptionalApi | Literal["never"] | None = None,
@@ -43,13 +41,13 @@ async def serve_model(
 ) -> web.StreamResponse:
     """Route `model`, then serve it from the first target that answers.
 
-    A target whose backend serves `native_api` (None: every backend does) gets `body` as
+    A target whose backend serves `native_api` (None: every backend does) gets the body as
     is at `native_path`, with `model` set to the target's upstream id where it differs (or
     always, with `force_model`, for bodies addressed by endpoint rather than by model). The
     others get the `adapter`'s translation, or a 501 when there is none. `model_at` is the
-    span of `model` in `body` when `peek` found it.
+    span of `model` in the body when `peek` found it.
     """
-    state, ex = request.app[STATE], request[EXCHANGE]
+    state, ex, body = call.state, call.ex, call.body
     route = plan(state.config, model, state.known_models)
     ex.model_label = route.model_label
     translation: Adapter | None = None
@@ -60,9 +58,7 @@ async def serve_model(
         if native:
             upstream_model = target.upstream_model or (model if force_model else None)
             payload = body if upstream_model is None else set_model(body, upstream_model, model_at)
-            return await exchange(
-                request, state, ex, backend, native_path, payload, deadline, may_retry
-            )
+            return await exchange(call, backend, native_path, payload, may_retry)
         if adapter is None:
             raise Unsupported(
                 f"backend '{backend.name}' (kind {backend.config.kind}) does not serve "
@@ -76,20 +72,18 @@ async def serve_model(
         else:
             request_body = translation.chat_request(upstream_model)
         chat = orjson.dumps(request_body)
-        return await exchange_translated(
-            request, state, ex, backend, translation, chat, deadline, may_retry
-        )
+        return await exchange_translated(call, backend, translation, chat, may_retry)
 
-    return await try_plan(state, ex, route, run, deadline, affinity_of(request, route, body))
+    return await try_plan(call, route, run, affinity_of(call, route))
 
 
-def affinity_of(request: web.Request, route: Plan, body: bytes | None) -> bytes:
+def affinity_of(call: Call, route: Plan) -> bytes:
     """The request's key for the `affinity` policy (b"" when no model of the chain uses it)."""
     if not any(step.policy == "affinity" for step in route.steps):
         return b""
-    size = request.app[STATE].config.routing.prefix_bytes
-    prompt = prompt_prefix(body, size) if body else b""
-    return affinity_key(request.headers.get(SESSION_HEADER), prompt, size)
+    size = call.state.config.routing.prefix_bytes
+    prompt = prompt_prefix(call.body, size) if call.body else b""
+    return affinity_key(call.request.headers.get(SESSION_HEADER), prompt, size)
 
 
 # The OpenAI routes every surface maps onto, and the helper routes beside them.
@@ -106,11 +100,9 @@ HELPER_ROUTES: dict[str, OptionalApi] = {"/tokenize": "tokenize", "/detokenize":
 
 
 async def serve_openai(
-    request: web.Request,
+    call: Call,
     path: str,
     model: str,
-    body: bytes,
-    deadline: float,
     *,
     chat_template: bool = False,
     force_model: bool = False,
@@ -118,31 +110,33 @@ async def serve_openai(
 ) -> web.StreamResponse:
     """An OpenAI-shaped request for `model` at `path`: forwarded as is where the backend
     serves the route, translated where it does not (Responses; a `chat_template`).
-    `model_at`: where `peek` found `model` in `body`."""
+    `model_at`: where `peek` found `model` in the body."""
+    native_api: OptionalApi | None = None  # None: every backend serves the route
+    adapter: Callable[[], Adapter] | None = None  # defined below for the routes that translate
     if path == EMBEDDINGS:
-        return await serve_model(
-            request, model, body, deadline,
-            native_path=path, native_api="embeddings", force_model=force_model,
-            model_at=model_at,
-        )  # fmt: skip
-    if path == RESPONSES:
-        return await serve_model(
-            request, model, body, deadline,
-            native_path=path, native_api="responses", force_model=force_model,
-            model_at=model_at,
-            adapter=lambda: ResponsesAdapter(decode_object(body), model, vision_of(request, model)),
-        )  # fmt: skip
-    if path == CHAT and chat_template:
-        return await serve_model(
-            request, model, body, deadline,
-            native_path=path, native_api="chat_template", force_model=force_model,
-            model_at=model_at,
-            adapter=lambda: ChatTemplateAdapter(decode_object(body)),
-        )  # fmt: skip
+        native_api = "embeddings"
+    elif path == RESPONSES:
+        native_api = "responses"
+        vision = vision_of(call.request, model)
+
+        def adapter() -> Adapter:  # built only when a target has to translate
+            return ResponsesAdapter(decode_object(call.body), model, vision)
+
+    elif path == CHAT and chat_template:
+        native_api = "chat_template"
+
+        def adapter() -> Adapter:
+            return ChatTemplateAdapter(decode_object(call.body))
+
     return await serve_model(
-        request, model, body, deadline,
-        native_path=path, force_model=force_model, model_at=model_at,
-    )  # fmt: skip
+        call,
+        model,
+        native_path=path,
+        native_api=native_api,
+        adapter=adapter,
+        force_model=force_model,
+        model_at=model_at,
+    )
 
 
 def vision_of(request: web.Request, model: str) -> bool:

@@ -14,6 +14,7 @@ from typing import Protocol
 import orjson
 from aiohttp import web
 
+from proxy.chain import Call
 from proxy.errors import (
     BackendTimeout,
     BackendUnreachable,
@@ -30,7 +31,6 @@ from proxy.exchange import Exchange
 from proxy.forward import HeadTimeout, UpstreamTry
 from proxy.headers import REQUEST_ID
 from proxy.relay import finish
-from proxy.state import GatewayState
 from proxy.translate.chat_stream import ChatStreamParser
 from proxy.upstream import Backend, Response
 from proxy.usage import TAIL_BYTES, usage_in
@@ -69,18 +69,12 @@ class Adapter(Protocol):
 
 
 async def exchange_translated(
-    request: web.Request,
-    state: GatewayState,
-    ex: Exchange,
-    backend: Backend,
-    adapter: Adapter,
-    body: bytes,
-    deadline: float,
-    may_retry: bool = False,
+    call: Call, backend: Backend, adapter: Adapter, body: bytes, may_retry: bool = False
 ) -> web.StreamResponse:
     """One backend, one try, with the translated `body`; closed upstream on every way out.
 
     With `may_retry`, a failure before any byte went out raises `Retry` (see `exchange`)."""
+    request, state, ex, deadline = call.request, call.state, call.ex, call.deadline
     headers = (
         b"Content-Type: application/json\r\nAccept: */*\r\n"
         + b"X-Request-ID: "

@@ -79,8 +79,8 @@ async def get_endpoint(request: web.Request) -> web.Response:
 async def invocations(request: web.Request) -> web.StreamResponse:
     """POST .../{endpoint}/invocations: chat, completions or embeddings, told by the body."""
     endpoint = request.match_info["endpoint"]
-    body, deadline = await begin(request)
-    kind = peek_invocation(body)
+    call = await begin(request)
+    kind = peek_invocation(call.body)
     path = _ROUTE_OF_KIND.get(kind.kind)
     if path is None:
         raise InvalidRequest(
@@ -88,6 +88,5 @@ async def invocations(request: web.Request) -> web.StreamResponse:
             "or 'input' (embeddings)"
         )
     return await serve_openai(
-        request, path, endpoint, body, deadline,
-        chat_template=kind.chat_template, force_model=True,
-    )  # fmt: skip
+        call, path, endpoint, chat_template=kind.chat_template, force_model=True
+    )

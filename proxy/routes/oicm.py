@@ -6,9 +6,8 @@ import orjson
 from aiohttp import web
 
 from proxy.catalog import model_cards
-from proxy.chain import begin, json_response
+from proxy.chain import Call, begin, json_response
 from proxy.forward import exchange, try_plan
-from proxy.middleware import EXCHANGE
 from proxy.paths import subpath
 from proxy.routing import Target, plan
 from proxy.serve import CHAT, OPENAI_POST_ROUTES, affinity_of, serve_openai
@@ -26,28 +25,25 @@ async def endpoint_proxy(request: web.Request) -> web.StreamResponse:
     if path == "/v1/models" and request.method in ("GET", "HEAD"):
         cards = await model_cards(request.app[STATE])
         return json_response({"object": "list", "data": cards})
-    body, deadline = await begin(request)
+    call = await begin(request)
     if path in OPENAI_POST_ROUTES and request.method == "POST":
-        kind = peek_invocation(body)
+        kind = peek_invocation(call.body)
         if kind.kind == "tgi" and path == CHAT:
-            chat = oicm.tgi_to_chat_request(decode_object(body), upstream_model=endpoint)
-            body = orjson.dumps(chat)
+            chat = oicm.tgi_to_chat_request(decode_object(call.body), upstream_model=endpoint)
+            call.body = orjson.dumps(chat)
         return await serve_openai(
-            request, path, endpoint, body, deadline,
-            chat_template=kind.chat_template, force_model=True,
-        )  # fmt: skip
-    return await _as_is(request, endpoint, path, body or None, deadline)
+            call, path, endpoint, chat_template=kind.chat_template, force_model=True
+        )
+    return await _as_is(call, endpoint, path)
 
 
-async def _as_is(
-    request: web.Request, endpoint: str, path: str, body: bytes | None, deadline: float
-) -> web.StreamResponse:
+async def _as_is(call: Call, endpoint: str, path: str) -> web.StreamResponse:
     """Any other task path (rerank, embed, audio, ...): method, headers and body untouched."""
-    state, ex = request.app[STATE], request[EXCHANGE]
-    route = plan(state.config, endpoint, state.known_models)
-    ex.model_label = route.model_label
+    route = plan(call.state.config, endpoint, call.state.known_models)
+    call.ex.model_label = route.model_label
+    body = call.body or None
 
     async def run(backend: Backend, target: Target, may_retry: bool) -> web.StreamResponse:
-        return await exchange(request, state, ex, backend, path, body, deadline, may_retry)
+        return await exchange(call, backend, path, body, may_retry)
 
-    return await try_plan(state, ex, route, run, deadline, affinity_of(request, route, body))
+    return await try_plan(call, route, run, affinity_of(call, route))

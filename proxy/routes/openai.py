@@ -22,12 +22,15 @@ def helper_route(path: str) -> Handler:
     api = HELPER_ROUTES[path]
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        body, deadline = await begin(request)
-        view = peek(body)
+        call = await begin(request)
+        view = peek(call.body)
         return await serve_model(
-            request, view.model, body, deadline,
-            native_path=path, native_api=api, model_at=view.model_at,
-        )  # fmt: skip
+            call,
+            view.model,
+            native_path=path,
+            native_api=api,
+            model_at=view.model_at,
+        )
 
     return handle
 
@@ -36,12 +39,15 @@ def openai_route(path: str) -> Handler:
     """A handler for an OpenAI-style POST route, addressed by the body's `model`."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        body, deadline = await begin(request)
-        view = peek(body)
+        call = await begin(request)
+        view = peek(call.body)
         return await serve_openai(
-            request, path, view.model, body, deadline,
-            chat_template=view.chat_template, model_at=view.model_at,
-        )  # fmt: skip
+            call,
+            path,
+            view.model,
+            chat_template=view.chat_template,
+            model_at=view.model_at,
+        )
 
     return handle
 

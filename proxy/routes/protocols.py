@@ -16,17 +16,15 @@ _GEMINI_METHODS = {"generateContent": False, "streamGenerateContent": True}
 
 async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     """POST .../v1/messages: as is to backends that serve it, translated for the others."""
-    body, deadline = await begin(request)
-    view = peek(body)
+    call = await begin(request)
+    view = peek(call.body)
     vision = vision_of(request, view.model)
     return await serve_model(
-        request,
+        call,
         view.model,
-        body,
-        deadline,
         native_path="/v1/messages",
         native_api="messages",
-        adapter=lambda: AnthropicAdapter(decode_object(body), view.model, vision),
+        adapter=lambda: AnthropicAdapter(decode_object(call.body), view.model, vision),
     )
 
 
@@ -46,16 +44,14 @@ def gemini_target(version: str, target: str) -> tuple[str, bool]:
 async def gemini_generate(request: web.Request) -> web.StreamResponse:
     """POST .../models/{model}:generateContent and :streamGenerateContent, translated."""
     model, stream = gemini_target(request.match_info["version"], request.match_info["target"])
-    body, deadline = await begin(request)
+    call = await begin(request)
     if stream and request.query.get("alt", "sse") != "sse":
         raise InvalidRequest("streamGenerateContent is served as server-sent events: add ?alt=sse")
-    content = decode_object(body)
+    content = decode_object(call.body)
     vision = vision_of(request, model)
     return await serve_model(
-        request,
+        call,
         model,
-        body,
-        deadline,
         native_path="/v1/chat/completions",
         native_api=NEVER,
         adapter=lambda: GeminiAdapter(content, model, stream, vision),
