@@ -44,11 +44,6 @@ _COMPLETION_FIELDS = (
 )
 
 
-def is_tgi_payload(body: dict[str, object]) -> bool:
-    """Whether a chat-route body is TGI-style: it has `inputs` and no `messages`."""
-    return "inputs" in body and "messages" not in body
-
-
 def tgi_to_chat_request(body: object, *, upstream_model: str) -> dict[str, object]:
     """The chat request (one user message) that asks what a TGI-style payload asks.
 

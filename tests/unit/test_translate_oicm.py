@@ -14,7 +14,6 @@ from proxy.translate.oicm import (
     chat_template_to_completion_request,
     completion_chunk_to_chat_chunk,
     completion_to_chat,
-    is_tgi_payload,
     tgi_to_chat_request,
 )
 
@@ -23,21 +22,6 @@ PAYLOADS = Path(__file__).parent / "payloads"
 
 def load(name: str) -> Any:
     return orjson.loads((PAYLOADS / name).read_bytes())
-
-
-@pytest.mark.parametrize(
-    ("body", "expected"),
-    [
-        ({"inputs": "hi"}, True),
-        ({"inputs": "hi", "parameters": {"max_new_tokens": 5}}, True),
-        ({"messages": [], "inputs": "hi"}, False),
-        ({"messages": [{"role": "user", "content": "hi"}]}, False),
-        ({"prompt": "hi"}, False),
-    ],
-)
-def test_is_tgi_payload(body: dict[str, object], expected: bool) -> None:
-    """A body is TGI-style when it has `inputs` and no `messages`."""
-    assert expected == is_tgi_payload(body)
 
 
 def test_tgi_payload_becomes_a_chat_request() -> None:
