@@ -11,6 +11,7 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tests.conftest import wait_for
 from tests.fakes import chat_body, json_script, slow_json_script
@@ -324,8 +325,6 @@ async def test_least_loaded_reads_the_backends_own_queues(
     """A vLLM that says (in its /metrics, scraped in the background) that it queues many
     requests gets no new ones while an idle replica has room, though the gateway has none in
     flight on either (staleness is unit-tested in test_signals)."""
-    from aiohttp import web
-
     queued, idle = await upstream_factory(), await upstream_factory()
     waiting = {"n": 50}
 
@@ -339,3 +338,22 @@ async def test_least_loaded_reads_the_backends_own_queues(
     for _ in range(20):
         assert 200 == (await call(gw.url + CHAT, BODY))[0]
     assert (0, 20) == (len(queued.posts), len(idle.posts))
+
+
+async def test_a_backend_slow_only_on_its_health_probes(gateway_factory, upstream) -> None:
+    """Probes that time out mark the backend down (/ready says so), but a model with no other
+    target still sends it requests, which it answers: health steers traffic, never refuses it."""
+
+    async def slow_health(request, rec):
+        await asyncio.sleep(1)
+        return web.json_response({"status": "ok"})
+
+    upstream.script["/health"] = slow_health
+    gw = await gateway_factory(
+        fleet(upstream.url, extra="health: {interval_s: 0.05, timeout_s: 0.05}\n")
+    )
+    await asyncio.sleep(0.4)
+    assert not gw.state.fleet["b0"].probed_up
+    code, payload, _ = await call(gw.url + "/ready", b"", method="GET")
+    assert (503, ["m"]) == (code, payload["unready"])
+    assert 200 == (await call(gw.url + CHAT, BODY))[0]
