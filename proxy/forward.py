@@ -22,7 +22,7 @@ Attempt = Callable[[Backend, Target, bool], Awaitable[web.StreamResponse]]
 
 # A backend's answers that another target may do better with: too busy, or a gateway error.
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
-_SATURATED_S = 1.0  # a backend that answered 429 or 503 counts as full for this long
+_SATURATED_S = 1.0  # a backend that answered 429 or 503 is tried after the others this long
 
 
 class HeadTimeout(Exception):
@@ -50,7 +50,7 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
     state, loop = call.state, asyncio.get_running_loop()
     failure: ProxyError = BackendUnreachable("no backend could take the request")
     tried: set[tuple[str, str | None]] = set()
-    pending = [(step, t) for step in route.steps for t in step.candidates]
+    pending = {(t.backend, t.upstream_model) for step in route.steps for t in step.candidates}
     while True:
         full: list[tuple[Step, Target]] = []
         for index, step in enumerate(route.steps):
@@ -66,9 +66,7 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
                 if (target.backend, target.upstream_model) in tried:
                     continue
                 backend = state.backends[target.backend]
-                if state.saturated.get(backend.name, 0.0) > loop.time() or not (
-                    state.admission.take(backend)
-                ):
+                if not state.admission.take(backend):
                     full.append((step, target))
                     continue
                 why = "fallback" if index else reason if place == 0 else "retry"
@@ -142,10 +140,11 @@ def snapshot(state: GatewayState, targets: tuple[Target, ...], now: float) -> di
     for t in targets:
         backend = state.backends[t.backend]
         own = fresh(state.signals.get(t.backend), now, interval)
+        saturated = state.saturated.get(t.backend, 0.0) > now  # it answered 429 or 503 lately
         loads[t.backend] = Load(
             in_flight=backend.in_flight,
             limit=backend.config.max_in_flight,
-            up=state.fleet[t.backend].up(now),
+            up=state.fleet[t.backend].up(now) and not saturated,
             queued=(own.queued or 0.0) if own is not None else 0.0,
             kv=(own.kv or 0.0) if own is not None else 0.0,
         )

@@ -44,7 +44,7 @@ class GatewayState:
         self.clients: GuardedServer | None = None
         self.fleet = {name: BackendHealth() for name in config.backends}
         self.admission = Admission(config.server.max_queue)
-        # Backends that answered 429 or 503 lately count as full until this loop time.
+        # Backends that answered 429 or 503 lately are tried last until this loop time.
         self.saturated: dict[str, float] = {}
         # The backends' own load, from their /metrics, scraped beside the health checks.
         self.signals: dict[str, Signals] = {}

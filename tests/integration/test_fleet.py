@@ -357,3 +357,16 @@ async def test_a_backend_slow_only_on_its_health_probes(gateway_factory, upstrea
     code, payload, _ = await call(gw.url + "/ready", b"", method="GET")
     assert (503, ["m"]) == (code, payload["unready"])
     assert 200 == (await call(gw.url + CHAT, BODY))[0]
+
+
+async def test_a_saturated_only_target_is_still_tried_at_once(gateway_factory, upstream) -> None:
+    """A backend that just answered 503 is tried after the others for a second; with no other
+    target the next request goes to it at once (it does not wait in the queue)."""
+    upstream.script[CHAT] = json_script(503, {"error": "server busy"})
+    gw = await gateway_factory(fleet(upstream.url))
+    assert 503 == (await call(gw.url + CHAT, BODY))[0]
+    upstream.script[CHAT] = json_script(200, chat_body())
+    started = time.monotonic()
+    assert 200 == (await call(gw.url + CHAT, BODY))[0]
+    assert time.monotonic() - started < 1
+    assert 0 == gw.state.admission.waiting
