@@ -53,6 +53,10 @@ class Admission:
         Raises `BackendTimeout` when the request's `deadline` comes first (it never reaches a
         backend), `Overloaded` when the queue is full or `give_up` (the queue timeout) comes.
         """
+        backends = list(backends)
+        for backend in backends:  # a slot may have come free since the caller looked
+            if self.take(backend):
+                return backend
         if self.waiting >= self.max_queue:
             raise Overloaded(
                 f"the gateway's queue is full ({self.max_queue} requests wait already)",
@@ -86,3 +90,14 @@ class Admission:
             self.waiting -= 1
             if not waiter.done():
                 waiter.cancel()
+            if waiter.cancelled():  # it left without a slot: out of every queue it joined
+                self._forget(entry, backends)
+
+    def _forget(self, entry: _Waiter, backends: list[Backend]) -> None:
+        """Take a waiter that left (timed out, cancelled) out of every queue it joined, so
+        the queues hold only the living: they never grow past `max_queue` entries each."""
+        for backend in backends:
+            queue = self.queues.get(backend.name)
+            if queue is not None and entry in queue:
+                queue.remove(entry)
+                heapq.heapify(queue)

@@ -64,6 +64,8 @@ def order(
     """The candidates in the order to try them, and why the first one leads."""
     up = [t for t in candidates if loads[t.backend].up]
     down = [t for t in candidates if not loads[t.backend].up]
+    if not up:  # every one down (probes failing fleet-wide, or none passed yet): still spread
+        up, down = down, []
     if len(up) <= 1:
         return up + down, "only"
     if policy == "weighted":
@@ -83,6 +85,10 @@ def _by_weight(targets: list[Target], rng: random.Random) -> list[Target]:
         out.append(pick)
     return out
 
+
+# Requests in flight a replica may always hold for its `affinity` keys, whatever the mean:
+# the load bound is for hot spots, not for a fleet with almost nothing to do.
+AFFINITY_FLOOR = 8
 
 # A backend whose KV cache is this full would preempt or queue a new request: tried last.
 KV_FULL = 0.98
@@ -115,9 +121,10 @@ def _affinity(
     weight = sum(t.weight for t in targets)
 
     def over(t: Target) -> bool:
-        # its share of the load with this request counted, rounded up, times the factor
-        capacity = math.ceil(load_factor * (total + 1) * t.weight / weight)
-        return loads[t.backend].in_flight + 1 > capacity
+        # its share of the load with this request counted, times the factor, rounded up;
+        # never below AFFINITY_FLOOR, so a nearly idle fleet keeps every key at home
+        share = math.ceil(load_factor * (total + 1) * t.weight / weight)
+        return loads[t.backend].in_flight + 1 > max(share, AFFINITY_FLOOR)
 
     within = [t for t in ranked if not over(t)]
     if not within or within[0] is ranked[0]:

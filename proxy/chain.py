@@ -24,7 +24,7 @@ from proxy.timeouts import TIMEOUT_HEADER, request_budget
 class Call:
     """One request on its way through the chain, from `begin` on."""
 
-    __slots__ = ("body", "deadline", "ex", "request", "state")
+    __slots__ = ("body", "deadline", "ex", "request", "state", "stream")
 
     def __init__(self, request: web.Request, body: bytes, deadline: float) -> None:
         self.request = request
@@ -32,6 +32,7 @@ class Call:
         self.ex = request[EXCHANGE]
         self.body = body  # as received (a route may put its own translation in its place)
         self.deadline = deadline  # event-loop time
+        self.stream = False  # the client asked for a stream (set once the body is read)
 
 
 async def begin(request: web.Request) -> Call:

@@ -125,7 +125,9 @@ async def attempt(
         raise
     finally:
         state.admission.give_back(backend)
-    if ex.status >= 500 or ex.stream_error == "backend_unreachable":
+    if ex.status in (429, 503):  # shedding load, not failing: last for a while, not ejected
+        state.saturated[backend.name] = now() + _SATURATED_S
+    elif ex.status >= 500 or ex.stream_error == "backend_unreachable":
         if request_failed(health, outlier, now()):
             m.ejections[backend.name] += 1
     else:
@@ -162,7 +164,7 @@ async def exchange(
     request, state, ex, deadline = call.request, call.state, call.ex, call.deadline
     headers = upstream_headers(request.raw_headers, request_id=ex.request_id)
     target = backend.target(path, request.raw_path.partition("?")[2])
-    attempt = UpstreamTry(state, backend, may_retry)
+    attempt = UpstreamTry(call, backend, may_retry)
     try:
         async with asyncio.timeout_at(deadline):
             upstream = await attempt.send(request.method, target, headers, body)
@@ -183,10 +185,13 @@ async def exchange(
 class UpstreamTry:
     """One try on one backend: what it has sent back so far, and how it ends."""
 
-    def __init__(self, state: GatewayState, backend: Backend, may_retry: bool = False) -> None:
-        self.state = state
+    def __init__(self, call: Call, backend: Backend, may_retry: bool = False) -> None:
+        self.state = call.state
         self.backend = backend
         self.may_retry = may_retry
+        # a non-streamed answer's head comes only when its generation is done: no head timeout
+        self.head_s = self.state.config.timeouts.head_s if call.stream else None
+        self.answered = False  # the backend sent its answer's head: it has done the work
         self.upstream: Response | None = None
         self.response: web.StreamResponse | None = None
         self.complete = False
@@ -198,12 +203,12 @@ class UpstreamTry:
 
         An answer another target may do better with is not relayed while one remains.
         """
-        head_s = self.state.config.timeouts.head_s
         try:
-            async with asyncio.timeout(head_s):
+            async with asyncio.timeout(self.head_s):
                 self.upstream = upstream = await send(self.backend, method, target, headers, body)
         except TimeoutError:  # this one's own: the request's deadline comes as a cancel
             raise HeadTimeout from None
+        self.answered = True
         if self.may_retry and upstream.status in RETRY_STATUSES:
             raise Retry(str(upstream.status), backend_status_error(self.backend, upstream.status))
         return upstream
@@ -221,8 +226,8 @@ class UpstreamTry:
                 if self.may_retry:
                     raise Retry("timeout", slow) from None
                 raise slow from None
-            if self.may_retry and isinstance(exc, BackendUnreachable):
-                raise Retry("unreachable", exc) from None
+            if self.may_retry and not self.answered and isinstance(exc, BackendUnreachable):
+                raise Retry("unreachable", exc) from None  # it never answered: safe to pass on
             raise exc
         err = (
             BackendTimeout(

@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Literal
 
+import msgspec
 import orjson
 from aiohttp import web
 
@@ -20,7 +21,7 @@ from proxy.config import OptionalApi, serves
 from proxy.errors import Unsupported
 from proxy.forward import exchange, try_plan
 from proxy.routing import Plan, Target, plan
-from proxy.state import STATE
+from proxy.state import STATE, GatewayState
 from proxy.translated import Adapter, exchange_translated
 from proxy.upstream import Backend
 from proxy.view import decode_object, prompt_prefix, set_model
@@ -52,18 +53,19 @@ async def serve_model(
     ex.model_label = route.model_label
     translation: Adapter | None = None
 
+    def native(backend: Backend) -> bool:
+        return native_api is None or (native_api != NEVER and serves(backend.config, native_api))
+
+    if adapter is None:  # only targets that serve the route themselves can take it
+        route = _only(route, lambda name: native(state.backends[name]), native_path, state)
+
     async def run(backend: Backend, target: Target, may_retry: bool) -> web.StreamResponse:
         nonlocal translation
-        native = native_api is None or (native_api != NEVER and serves(backend.config, native_api))
-        if native:
+        if native(backend):
             upstream_model = target.upstream_model or (model if force_model else None)
             payload = body if upstream_model is None else set_model(body, upstream_model, model_at)
             return await exchange(call, backend, native_path, payload, may_retry)
-        if adapter is None:
-            raise Unsupported(
-                f"backend '{backend.name}' (kind {backend.config.kind}) does not serve "
-                f"{native_path}; list it in the backend's 'serves' if it does"
-            )
+        assert adapter is not None  # `_only` left no target without the route
         if translation is None:
             translation = adapter()
         upstream_model = target.upstream_model or model
@@ -75,6 +77,23 @@ async def serve_model(
         return await exchange_translated(call, backend, translation, chat, may_retry)
 
     return await try_plan(call, route, run, affinity_of(call, route))
+
+
+def _only(route: Plan, able: Callable[[str], bool], path: str, state: GatewayState) -> Plan:
+    """The plan without the targets whose backend cannot serve `path`, or `Unsupported` when
+    none is left (so a tgi target never answers 501 for a vllm one that could serve it)."""
+    steps = tuple(
+        msgspec.structs.replace(step, candidates=kept)
+        for step in route.steps
+        if (kept := tuple(t for t in step.candidates if able(t.backend)))
+    )
+    if not steps:
+        backend = state.backends[route.steps[0].candidates[0].backend]
+        raise Unsupported(
+            f"backend '{backend.name}' (kind {backend.config.kind}) does not serve "
+            f"{path}; list it in the backend's 'serves' if it does"
+        )
+    return msgspec.structs.replace(route, steps=steps)
 
 
 def affinity_of(call: Call, route: Plan) -> bytes:

@@ -82,7 +82,7 @@ async def exchange_translated(
         + b"\r\n"
     )
     target = backend.target(adapter.upstream_path)
-    attempt = UpstreamTry(state, backend, may_retry)
+    attempt = UpstreamTry(call, backend, may_retry)
     try:
         async with asyncio.timeout_at(deadline) as timer:
             upstream = await attempt.send("POST", target, headers, body)

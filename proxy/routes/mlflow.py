@@ -81,6 +81,7 @@ async def invocations(request: web.Request) -> web.StreamResponse:
     endpoint = request.match_info["endpoint"]
     call = await begin(request)
     kind = peek_invocation(call.body)
+    call.stream = kind.stream
     path = _ROUTE_OF_KIND.get(kind.kind)
     if path is None:
         raise InvalidRequest(

@@ -28,6 +28,7 @@ async def endpoint_proxy(request: web.Request) -> web.StreamResponse:
     call = await begin(request)
     if path in OPENAI_POST_ROUTES and request.method == "POST":
         kind = peek_invocation(call.body)
+        call.stream = kind.stream
         if kind.kind == "tgi" and path == CHAT:
             chat = oicm.tgi_to_chat_request(decode_object(call.body), upstream_model=endpoint)
             call.body = orjson.dumps(chat)

@@ -41,6 +41,7 @@ def openai_route(path: str) -> Handler:
     async def handle(request: web.Request) -> web.StreamResponse:
         call = await begin(request)
         view = peek(call.body)
+        call.stream = view.stream
         return await serve_openai(
             call,
             path,

@@ -18,6 +18,7 @@ async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     """POST .../v1/messages: as is to backends that serve it, translated for the others."""
     call = await begin(request)
     view = peek(call.body)
+    call.stream = view.stream
     vision = vision_of(request, view.model)
     return await serve_model(
         call,
@@ -48,6 +49,7 @@ async def gemini_generate(request: web.Request) -> web.StreamResponse:
     if stream and request.query.get("alt", "sse") != "sse":
         raise InvalidRequest("streamGenerateContent is served as server-sent events: add ?alt=sse")
     content = decode_object(call.body)
+    call.stream = stream
     vision = vision_of(request, model)
     return await serve_model(
         call,
