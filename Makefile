@@ -64,6 +64,11 @@ bench: install
 	bash bench/ensure_tools.sh
 	$(BIN)/python -m bench.run
 
+## Issue 9's fleet figures: a kill under load, a prefix KV cache, routing's CPU cost (~4 minutes).
+bench-fleet: install
+	bash bench/ensure_tools.sh
+	$(BIN)/python -m bench.fleet
+
 ## Build llama.cpp's llama-server and the Gemma 3 270M model once (a no-op when up to date).
 real-backend:
 	PYTHON=$(PYTHON) bash tests/real_backend/build.sh

@@ -28,6 +28,7 @@ from typing import Any
 
 from bench import profile as profiling
 from bench import report
+from bench.fleetreport import keep_section
 from bench.nginx import nginx_binary, start_nginx
 from bench.plot import plot_ttfe
 from bench.processes import Service, StartError, free_port, start, stop
@@ -317,7 +318,8 @@ def finish(suite: Suite, args: argparse.Namespace, argv: list[str] | None) -> in
             plot_name = "results_ttfe.png"
             shutil.copyfile(png, ROOT / "bench" / plot_name)
         text = report.results_markdown(results, rows, plot_name)
-        (ROOT / "bench" / "RESULTS.md").write_text(text)
+        results_md = ROOT / "bench" / "RESULTS.md"
+        results_md.write_text(keep_section(results_md, text))  # make bench-fleet's section stays
     print(f"\nwrote {args.out / 'results.json'}" + (f", {png}" if png else ""))
     print(f"logs of the processes under test: {suite.work}")
     for path, reason in results["unavailable"].items():

@@ -13,6 +13,9 @@ Timing of one generation (every delay may be overridden per request by a header)
   -> one token every chunk delay (`--chunk-delay-ms`, `--tokens-per-s`, `x-sim-chunk-delay-ms`)
   -> finish event, usage event (with stream_options.include_usage), `data: [DONE]`.
 A non-streaming response is sent whole once the same total time has passed.
+With the prefix KV cache model on (`--prefix-cache-blocks`, `--prefill-ms-per-block`, `--slots`),
+a generation first waits for one of the slots, and its time to first token grows by the cost of
+each prompt block not in the cache (bench/simcache.py); /sim/stats then reports hits and misses.
 
     python -m bench.simbackend --port 8001 --ttft-ms 150 --tokens-per-s 50
 """
@@ -99,6 +102,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--header-delay-ms", type=float, default=0.0)
     parser.add_argument("--tokens", type=int, default=16, help="tokens when max_tokens is unset")
     parser.add_argument("--keepalive-s", type=float, default=5.0, help="idle keep-alive timeout")
+    cache = parser.add_argument_group("prefix KV cache model (bench/simcache.py; off by default)")
+    cache.add_argument(
+        "--prefix-cache-blocks", type=int, default=0, help="LRU capacity in prompt blocks; 0: off"
+    )
+    cache.add_argument("--block-bytes", type=int, default=256, help="prompt bytes per block")
+    cache.add_argument(
+        "--prefill-ms-per-block", type=float, default=0.0, help="TTFT added per uncached block"
+    )
+    cache.add_argument(
+        "--slots", type=int, default=0, help="generations at once, the rest queue; 0: no limit"
+    )
     return parser.parse_args(argv)
 
 
@@ -112,6 +126,10 @@ def options_from_args(args: argparse.Namespace) -> SimOptions:
         header_delay_ms=args.header_delay_ms,
         tokens=args.tokens,
         keepalive_s=args.keepalive_s,
+        prefix_cache_blocks=max(0, args.prefix_cache_blocks),
+        block_bytes=max(1, args.block_bytes),
+        prefill_ms_per_block=max(0.0, args.prefill_ms_per_block),
+        slots=max(0, args.slots),
     )
 
 

@@ -2,6 +2,8 @@
 
 One `SimProtocol` per connection, timers instead of tasks, bytes prebuilt per request (see
 bench/simresponses.py). bench/simbackend.py runs it as a server; its docstring has the timing.
+With `prefix_cache_blocks` or `slots` set, a generation first waits for a slot and pays for its
+uncached prompt blocks before its first token (bench/simcache.py); both are off by default.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import orjson
 
 from bench import simresponses as sr
 from bench.httpparse import BadRequest, Request, RequestParser
+from bench.simcache import BLOCK_BYTES, PrefixCache, Slots, prompt_text
 
 ABORTS_KEPT = 1000
 
@@ -31,6 +34,10 @@ class SimOptions:
     header_delay_ms: float = 0.0
     tokens: int = 16
     keepalive_s: float = 5.0
+    prefix_cache_blocks: int = 0  # LRU capacity in prompt blocks; 0: no cache model
+    block_bytes: int = BLOCK_BYTES  # prompt bytes per block
+    prefill_ms_per_block: float = 0.0  # added to the TTFT per uncached block
+    slots: int = 0  # generations at once, the rest queue; 0: no limit
 
 
 @dataclass(slots=True)
@@ -85,6 +92,26 @@ class SimShared:
         self.created = sr.now_s()
         self.serial = 0  # numbers the completions' ids
         self.transports: set[asyncio.Transport] = set()
+        self.cache = PrefixCache(options.prefix_cache_blocks, options.block_bytes)
+        self.slots = Slots(options.slots)
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether generations go through the slot and prefix-cache model at all."""
+        return self.cache.enabled or self.slots.limit > 0 or self.options.prefill_ms_per_block > 0
+
+    def stats_dict(self) -> dict[str, Any]:
+        out = self.stats.as_dict()
+        if self.scheduled:
+            out["prefix_cache"] = self.cache.as_dict()
+            out["slots"] = self.slots.as_dict()
+        return out
+
+    def reset(self) -> None:
+        """Counters to zero; the prefix cache emptied (a fresh start for the next run)."""
+        self.stats.reset()
+        self.cache.clear()
+        self.slots.reset()
 
 
 def _header_ms(request: Request, name: str, default: float) -> float:
@@ -106,9 +133,11 @@ class _Generation:
         "first_token_ms",
         "gap_ms",
         "header_ms",
+        "holds_slot",
         "keep_alive",
         "path",
         "phase",
+        "prompt",
         "request_id",
         "sent",
         "stream",
@@ -128,6 +157,8 @@ class _Generation:
         self.gap_ms = _header_ms(request, "x-sim-chunk-delay-ms", options.chunk_delay_ms)
         self.phase = "headers"  # -> "first_token" once the head is out -> "streaming"
         self.sent = 0  # tokens sent
+        self.prompt = b""  # what the prefix cache looks up (only when it is on)
+        self.holds_slot = False
 
 
 class SimProtocol(asyncio.Protocol):
@@ -139,7 +170,7 @@ class SimProtocol(asyncio.Protocol):
         self.parser = RequestParser()
         self.transport: asyncio.Transport | None = None
         self.generation: _Generation | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: asyncio.Handle | None = None  # a TimerHandle, or call_soon's Handle
         self.paused: Callable[[], None] | None = None  # continuation while writes are paused
         self.writing_paused = False
         self.continue_sent = False
@@ -237,11 +268,11 @@ class SimProtocol(asyncio.Protocol):
                 return
         elif path == "/sim/stats":
             if method == "GET":
-                self._reply(request, 200, orjson.dumps(shared.stats.as_dict()))
+                self._reply(request, 200, orjson.dumps(shared.stats_dict()))
                 return
         elif path == "/sim/reset":
             if method == "POST":
-                shared.stats.reset()
+                shared.reset()
                 self._reply(request, 200, b'{"status":"ok"}')
                 return
         else:
@@ -327,12 +358,51 @@ class SimProtocol(asyncio.Protocol):
             and stream_options.get("include_usage") is True,
         )
         gen = _Generation(request, completion, payload.get("stream") is True, shared.options)
+        if shared.cache.enabled:
+            gen.prompt = prompt_text(payload)
         self.generation = gen
         if gen.stream:
             self._after(gen.header_ms, self._send_head)
+        elif shared.scheduled:
+            self._after(gen.header_ms, lambda: self._admit(gen, self._whole_after))
         else:
             total = gen.header_ms + gen.first_token_ms + gen.gap_ms * max(0, tokens - 1)
             self._after(total, self._send_whole)
+
+    def _admit(self, gen: _Generation, then: Callable[[_Generation, float], None]) -> None:
+        """Wait for a slot, then look the prompt up: `then(gen, prefill_ms)` (bench/simcache.py)."""
+        self.timer = None
+
+        def grant() -> bool:
+            if self.generation is not gen or self.transport is None:
+                return False  # the client left while it waited: the slot goes to the next
+            gen.holds_slot = True
+            shared = self.shared
+            uncached = shared.cache.admit(gen.prompt) if shared.cache.enabled else 0
+            prefill_ms = uncached * shared.options.prefill_ms_per_block
+            # Never run on from inside another connection's release: schedule it.
+            self.timer = self.loop.call_soon(then, gen, prefill_ms)
+            return True
+
+        self.shared.slots.acquire(grant)
+
+    def _whole_after(self, gen: _Generation, prefill_ms: float) -> None:
+        if self.generation is not gen:
+            return
+        tokens = gen.completion.tokens
+        self._after(
+            gen.first_token_ms + prefill_ms + gen.gap_ms * max(0, tokens - 1), self._send_whole
+        )
+
+    def _first_token_after(self, gen: _Generation, prefill_ms: float) -> None:
+        if self.generation is not gen:
+            return
+        self._after(gen.first_token_ms + prefill_ms, self._send_first_token)
+
+    def _release(self, gen: _Generation) -> None:
+        if gen.holds_slot:
+            gen.holds_slot = False
+            self.shared.slots.release()
 
     def _after(self, delay_ms: float, step: Callable[[], None]) -> None:
         if delay_ms > 0:
@@ -355,7 +425,10 @@ class SimProtocol(asyncio.Protocol):
         self.timer = None
         self._write(sr.SSE_HEAD)
         gen.phase = "first_token"
-        self._after(gen.first_token_ms, self._send_first_token)
+        if self.shared.scheduled:
+            self._admit(gen, self._first_token_after)
+        else:
+            self._after(gen.first_token_ms, self._send_first_token)
 
     def _send_first_token(self) -> None:
         gen = self.generation
@@ -398,6 +471,7 @@ class SimProtocol(asyncio.Protocol):
 
     def _finish(self, gen: _Generation) -> None:
         self.generation = None
+        self._release(gen)
         self.shared.stats.completed += 1
         self._after_response(gen.keep_alive)
         if self.transport is not None and gen.keep_alive:
@@ -430,6 +504,7 @@ class SimProtocol(asyncio.Protocol):
             self.timer = None
         self.paused = None
         if gen is not None:
+            self._release(gen)
             self.shared.stats.record_abort(gen.request_id, gen.path, gen.phase, gen.sent)
 
     def _write(self, data: bytes) -> None:

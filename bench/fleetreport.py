@@ -1,0 +1,302 @@
+"""The fleet benchmark's tables, issue 9's targets, and the Fleet section of bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import report
+
+Table = tuple[list[str], list[list[str]]]
+SECTION = "## Fleet"
+
+
+def meta(
+    root: Path, argv: list[str] | None, quick: bool, settings: dict[str, Any]
+) -> dict[str, Any]:
+    import sys
+
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": report.commit(root),
+        "machine": report.machine(),
+        "nproc": os.cpu_count(),
+        "arch": platform.machine(),
+        "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
+        "command": " ".join(
+            ["python -m bench.fleet", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "quick": quick,
+        "settings": settings,
+    }
+
+
+def _n(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f} %"
+
+
+def brief(figures: dict[str, Any]) -> str:
+    """A one-line progress note."""
+    keys = ("requests", "ok", "failed", "shed", "hit_rate", "share", "cpu_us_per_request")
+    parts = [f"{k}={figures[k]}" for k in keys if k in figures]
+    if figures.get("ttft_ms"):
+        parts.append(
+            "ttft p50/p90/p99="
+            + "/".join(str(figures["ttft_ms"].get(p)) for p in ("p50", "p90", "p99"))
+        )
+    if "requests_per_s" in figures:
+        parts.append(f"req/s={figures['requests_per_s']}")
+    return ", ".join(parts)
+
+
+def fleet_table(fleet: dict[str, Any]) -> Table:
+    names = [b["name"] for b in fleet["backends"]]
+    header = [
+        "policy", "requests", *(f"share {n}" for n in names), f"share {names[0]} after kill",
+        "failed before head (retryable)", "failed after head, before 1st event", "cut mid-stream",
+        "TTFT p99 (ms)", "TTFT p99 after kill (ms)", "gateway retries",
+    ]  # fmt: skip
+    rows = []
+    for policy, f in fleet["policies"].items():
+        rows.append(
+            [
+                policy,
+                str(f["requests"]),
+                *(_pct(f["share"].get(n, 0.0)) for n in names),
+                _pct(f["share_after_kill"].get(names[0], 0.0)),
+                str(f["failed"]["before_head"]),
+                str(f["failed"]["after_head"]),
+                str(f["failed"]["mid_stream"]),
+                _n(f["ttft_ms"].get("p99")),
+                _n(f["ttft_ms_after_kill"].get("p99")),
+                _n(f["gateway"].get("proxy_retries_total"), 0),
+            ]
+        )
+    return header, rows
+
+
+def prefix_table(prefix: dict[str, Any]) -> Table:
+    header = [
+        "run", "policy", "hit rate", "TTFT p50 (ms)", "TTFT p90 (ms)", "TTFT p99 (ms)",
+        "busiest backend's share", "rebalanced", "paid the system prompt's prefill", "failed",
+        "shed",
+    ]  # fmt: skip
+    rows = []
+    for run_name, runs in prefix["runs"].items():
+        for policy, f in runs["policies"].items():
+            label = "weighted (random)" if policy == "weighted" else policy
+            rows.append(
+                [
+                    f"{run_name} ({runs['capacity_blocks']} blocks/backend)",
+                    label,
+                    _pct(f["hit_rate"]),
+                    _n(f["ttft_ms"].get("p50")),
+                    _n(f["ttft_ms"].get("p90")),
+                    _n(f["ttft_ms"].get("p99")),
+                    _pct(f["busiest_share"]),
+                    _rebalanced(f.get("decisions", {})),
+                    _pct(f.get("full_prefill_share")),
+                    str(sum(f["failed"].values())),
+                    str(f["shed"]),
+                ]
+            )
+    return header, rows
+
+
+def _rebalanced(chosen: dict[str, float]) -> str:
+    """Requests `affinity` sent past their key's replica (its load bound), of those it keyed."""
+    keyed = chosen.get("affinity", 0.0) + chosen.get("rebalanced", 0.0)
+    return _pct(chosen.get("rebalanced", 0.0) / keyed) if keyed else "-"
+
+
+def _ratio(top: float | None, bottom: float | None) -> float | None:
+    return round(top / bottom, 3) if top and bottom else None
+
+
+def prefix_targets(prefix: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 9's three targets for the prefix part, each with its figure and verdict."""
+    pressure = prefix["runs"]["pressure"]["policies"]
+    control = prefix["runs"]["control"]["policies"]
+    hit = _ratio(pressure["affinity"]["hit_rate"], pressure["weighted"]["hit_rate"])
+    p90 = _ratio(
+        pressure["weighted"]["ttft_ms"].get("p90"), pressure["affinity"]["ttft_ms"].get("p90")
+    )
+    p99 = _ratio(
+        control["affinity"]["ttft_ms"].get("p99"), control["least_loaded"]["ttft_ms"].get("p99")
+    )
+    checks = (
+        ("pressure: affinity hit rate / random's >= 2", hit, hit is not None and hit >= 2),
+        ("pressure: random TTFT p90 / affinity's >= 3", p90, p90 is not None and p90 >= 3),
+        (
+            "control: affinity TTFT p99 / least_loaded's <= 1.10",
+            p99,
+            p99 is not None and p99 <= 1.1,
+        ),
+    )
+    return [{"target": t, "figure": f, "met": met} for t, f, met in checks]
+
+
+def targets_table(prefix: dict[str, Any]) -> Table:
+    rows = [
+        [t["target"], _n(t["figure"], 2) + "x", "met" if t["met"] else "MISSED"]
+        for t in prefix["targets"]
+    ]
+    return ["issue 9 target", "figure", "verdict"], rows
+
+
+def cost_table(cost: dict[str, Any]) -> Table:
+    cases = cost["cases"]
+    header = [
+        "case (S1 shape: wrk, 64 connections, non-streamed)", "requests/s", "CPU-us per request",
+        "vs one backend, same body", "within 10 %", "errors",
+    ]  # fmt: skip
+    rows = []
+    for label, f in cases.items():
+        reference = cases.get(f["reference"] or "", {}).get("cpu_us_per_request")
+        ratio = _ratio(f["cpu_us_per_request"], reference)
+        rows.append(
+            [
+                label,
+                _n(f["requests_per_s"], 0),
+                _n(f["cpu_us_per_request"]),
+                "-" if ratio is None else f"{ratio:.3f}x",
+                "-" if ratio is None else ("yes" if ratio <= 1.10 else "no"),
+                str(f["errors"]),
+            ]
+        )
+    return header, rows
+
+
+def tables(results: dict[str, Any]) -> list[tuple[str, Table]]:
+    out = []
+    if "fleet" in results:
+        out.append(
+            (
+                "Fleet: 3 backends of unequal speed, the fastest SIGKILLed mid-run",
+                fleet_table(results["fleet"]),
+            )
+        )
+    if "prefix" in results:
+        out.append(("Prefix cache: shared-prefix tenants", prefix_table(results["prefix"])))
+        out.append(("Prefix cache: issue 9's targets", targets_table(results["prefix"])))
+    if "cost" in results:
+        out.append(("Cost: the gateway's CPU per request", cost_table(results["cost"])))
+    return out  # fmt: skip
+
+
+def verdicts(results: dict[str, Any]) -> list[str]:
+    lines = []
+    if "fleet" in results:
+        for policy, f in results["fleet"]["policies"].items():
+            n = f["failed"]["before_head"]
+            lines.append(
+                f"fleet/{policy}: {n} failed requests that could have been retried (target 0): "
+                + ("met" if n == 0 else "MISSED")
+            )
+    if "prefix" in results:
+        lines += [
+            f"prefix: {t['target']}: {_n(t['figure'], 2)}x: " + ("met" if t["met"] else "MISSED")
+            for t in results["prefix"]["targets"]
+        ]
+    return lines  # fmt: skip
+
+
+def text_table(table: Table) -> str:
+    header, rows = table
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def markdown_table(table: Table) -> str:
+    header, rows = table
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _busy(results: dict[str, Any]) -> str:
+    """The busiest share of each CPU seen during any measured run (other work shows here)."""
+    seen: dict[str, float] = {}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "cpu_busy" and isinstance(value, dict):
+                    for cpu, share in value.items():
+                        seen[cpu] = max(seen.get(cpu, 0.0), share)
+                else:
+                    visit(value)
+
+    visit(results)
+    return ", ".join(f"CPU {c} up to {s:.0%}" for c, s in sorted(seen.items()))
+
+
+def markdown(results: dict[str, Any], made: list[tuple[str, Table]]) -> str:
+    m = results["meta"]
+    mach = m["machine"]
+    lines = [
+        SECTION,
+        "",
+        "Written by `make bench-fleet` (`python -m bench.fleet`); bench/README.md says how each "
+        "figure is made.",
+        "",
+        f"- date: {m['date']}; commit: {m['commit']}",
+        f"- machine: {mach['cpu']}, `nproc` {m['nproc']}, `uname -m` {m['arch']}, "
+        f"{mach['memory_gib']} GiB, Linux {mach['kernel']}, Python {mach['python']}",
+        f"- run: `{m['command']}` in {m.get('elapsed_s', 0):.0f} s; "
+        f"load average before: {' '.join(m['loadavg_before'])}",
+        "- **the machine was shared with other work during this run**: "
+        f"busiest CPU shares seen in the measured windows: {_busy(results)}. Wall-clock figures "
+        "(TTFT, req/s) carry that noise; CPU-us per request is the gateway's own and suffers "
+        "least.",
+        "- pinning: simulated backends and the client on CPU 0, the gateway on CPU 1",
+        "",
+    ]
+    for title, table in made:
+        lines += [f"### {title}", "", markdown_table(table), ""]
+    lines += [f"- {v}" for v in verdicts(results)]
+    if "prefix" in results:
+        a = results["prefix"]["runs"]["pressure"]["policies"]["affinity"]
+        rates = ", ".join(f"{n} {_pct(r)}" for n, r in a["hit_rate_by_backend"].items())
+        shares = ", ".join(f"{n} {_pct(r)}" for n, r in a["share"].items())
+        lines.append(
+            f"- affinity under pressure: {_pct(a['full_prefill_share'])} of requests still paid "
+            f"the system prompt's prefill, so its p90 is a miss; requests by backend: {shares}; "
+            f"hit rate by backend: {rates}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(path: Path, section: str) -> None:
+    """Put `section` in place of the file's Fleet section (or after the rest)."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    text = re.sub(rf"\n{re.escape(SECTION)}\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip("\n")
+    path.write_text(text + "\n\n" + section)
+
+
+def keep_section(path: Path, new_text: str) -> str:
+    """`new_text` with the Fleet section of the file at `path` kept (bench.run writes the rest)."""
+    if not path.exists():
+        return new_text
+    found = re.search(rf"\n{re.escape(SECTION)}\n.*?(?=\n## |\Z)", path.read_text(), flags=re.S)
+    return (
+        new_text
+        if found is None
+        else new_text.rstrip("\n") + "\n" + found.group(0).rstrip("\n") + "\n"
+    )
