@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 BACKEND_PORT ?= 8001
 
-.PHONY: install run test unit lint format typecheck bench soak real-backend lock lowest clean
+.PHONY: install run test unit lint format typecheck bench bench-fleet soak real-backend lock lowest clean
 
 # Dependencies come from the lock files in requirements/ (exact versions and hashes, made by
 # `make lock`), so a fresh machine installs what was tested. The package itself is installed
