@@ -26,14 +26,25 @@ _SERVES_BY_KIND: dict[str, tuple[OptionalApi, ...]] = {
 }
 
 
+MAX_WORKERS = 256
+
+
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Base of every config section: immutable, unknown keys rejected."""
+
+
+class TlsConfig(_Section, frozen=True):
+    """HTTPS on the listening port (HTTP/1.1 only): PEM files, read at start and on reload."""
+
+    cert_file: str  # the certificate chain, leaf first
+    key_file: str
 
 
 class ServerConfig(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: int = msgspec.field(default=8000)
-    workers: int = 1
+    workers: int = 1  # serving processes on the port (SO_REUSEPORT); 0 = one per core
+    tls: TlsConfig | None = None
     max_body_mb: float = 32.0
     drain_s: float = 30.0
     access_log: bool = True
@@ -90,6 +101,7 @@ class BackendConfig(_Section, frozen=True):
     max_connections: int = 16384
     health_path: str | None = None
     serves: tuple[OptionalApi, ...] | None = None
+    ca_file: str | None = None  # PEM CA bundle for an https:// url (default: the system store)
 
 
 class TargetConfig(_Section, frozen=True):
@@ -245,8 +257,8 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
     s, t = config.server, config.timeouts
     if not 0 <= s.port <= 65535:
         errors.append(f"server.port: {s.port} is not a TCP port (0-65535)")
-    if s.workers != 1:
-        errors.append("server.workers: only 1 worker per process is supported in this version")
+    if not 0 <= s.workers <= MAX_WORKERS:
+        errors.append(f"server.workers: must be 0 (one per core) to {MAX_WORKERS}")
     if not _positive(s.max_body_mb):
         errors.append("server.max_body_mb: must be a positive number")
     if not (math.isfinite(s.drain_s) and s.drain_s >= 0):

@@ -263,9 +263,9 @@ backends:
 
 
 def test_server_and_timeout_value_checks() -> None:
-    """Zero workers, body size and timeouts, and a negative drain, are each reported."""
+    """Negative workers, zero body size and timeouts, and a negative drain, are each reported."""
     text = ONE_BACKEND + (
-        "server: {workers: 0, max_body_mb: 0, drain_s: -1}\n"
+        "server: {workers: -1, max_body_mb: 0, drain_s: -1}\n"
         "timeouts: {request_s: 0, max_request_s: 0, connect_s: 0, idle_s: 0}\n"
         "health: {interval_s: 0}\n"
     )
@@ -279,7 +279,9 @@ def test_server_and_timeout_value_checks() -> None:
         "timeouts.request_s: must be a positive number",
     ]
     errors = sorted(errors_of(text))
-    assert ["server.workers"] == [e.split(": ", 1)[0] for e in errors if e.startswith("server.w")]
+    assert ["server.workers: must be 0 (one per core) to 256"] == [
+        e for e in errors if e.startswith("server.w")
+    ]
     assert expected == [e for e in errors if not e.startswith("server.workers")]
 
 
