@@ -97,7 +97,7 @@ lowest:
 	mkdir -p $(LOWEST)
 	PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/uv pip compile --quiet --resolution lowest-direct \
 	  --index-url https://pypi.org/simple --python-version 3.11 pyproject.toml -o $(LOWEST)/runtime.txt
-	grep -E '^(pytest|pytest-aiohttp|pytest-asyncio|pytest-timeout|hypothesis|openai|anthropic|google-genai|mlflow-skinny|py-spy)==' \
+	grep -E '^(pytest|pytest-aiohttp|pytest-asyncio|pytest-timeout|hypothesis|openai|anthropic|google-genai|mlflow-skinny|py-spy|trustme)==' \
 	  requirements/test.txt | cut -d' ' -f1 > $(LOWEST)/tools.txt
 	$(LOCK_VENV)/bin/uv venv --quiet --allow-existing -p $(PYTHON) $(LOWEST)/venv
 	PIP_CONFIG_FILE=/dev/null $(LOCK_VENV)/bin/uv pip install --quiet --python $(LOWEST)/venv/bin/python \
