@@ -7,6 +7,7 @@ PORT   ?= 8000
 BACKEND_PORT ?= 8001
 
 .PHONY: install run test unit lint format typecheck bench bench-fleet soak real-backend lock lowest clean
+.PHONY: install-service uninstall-service
 
 # Dependencies come from the lock files in requirements/ (exact versions and hashes, made by
 # `make lock`), so a fresh machine installs what was tested. The package itself is installed
@@ -38,6 +39,8 @@ test: install lint typecheck real-backend
 endif
 	@command -v curl >/dev/null || { echo "installing curl (the README's examples are tested with it)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
+	@command -v systemd-analyze >/dev/null || { echo "installing systemd (systemd-analyze checks the unit)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
 	$(BIN)/python -m pytest
 
 ## The soak test at full length: 100,000 mixed requests (make test runs 20,000).
@@ -105,6 +108,15 @@ lowest:
 	$(LOCK_VENV)/bin/uv pip install --quiet --python $(LOWEST)/venv/bin/python --no-deps -e .
 	INFERENCE_PROXY_SKIP_REAL_BACKEND=1 $(LOWEST)/venv/bin/python -m pytest -q -m "not real_backend" \
 	  --ignore=tests/integration/test_soak.py
+
+## The gateway as a systemd service, as root: README "Running it as a service" lists each step.
+# DESTDIR=DIR installs into a scratch tree instead (no user, no ownership, no systemctl).
+install-service: install
+	DESTDIR="$(DESTDIR)" PYTHON="$(PYTHON)" BUILD_PYTHON="$(BIN)/python" bash systemd/install.sh install
+
+## Stop and remove the service and /opt/inference-proxy; keeps /etc/inference-proxy and the user.
+uninstall-service:
+	DESTDIR="$(DESTDIR)" bash systemd/install.sh uninstall
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
