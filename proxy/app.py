@@ -20,6 +20,7 @@ from proxy.middleware import gateway_middleware, malformed
 from proxy.routes import add_routes
 from proxy.state import STATE, GatewayState
 from proxy.upstream import open_backends
+from proxy.workermetrics import worker_metrics
 
 logger = logging.getLogger("proxy")
 
@@ -58,6 +59,7 @@ def create_app(
     app.cleanup_ctx.append(backends)
     app.cleanup_ctx.append(health_checks)
     app.cleanup_ctx.append(lambda _app: log.flushing())
+    app.cleanup_ctx.append(worker_metrics(app, env, app[STATE].metrics))
     add_routes(app)
     for name, backend in config.backends.items():
         if backend.api_key_env and not env.get(backend.api_key_env):

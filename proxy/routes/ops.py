@@ -10,6 +10,7 @@ from proxy.chain import json_response
 from proxy.health import unready_models
 from proxy.metrics import CONTENT_TYPE
 from proxy.state import STATE
+from proxy.workermetrics import WORKER_METRICS
 
 
 async def health(request: web.Request) -> web.Response:
@@ -27,6 +28,7 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition."""
-    body = request.app[STATE].metrics.render()
+    """Prometheus text exposition: this process's tallies, or every worker's merged."""
+    workers = request.app.get(WORKER_METRICS)
+    body = request.app[STATE].metrics.render() if workers is None else await workers.render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
