@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import errno
 import logging
 import os
 import resource
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import uvloop
@@ -18,11 +20,16 @@ from proxy import __version__
 from proxy.app import create_app, serve_app
 from proxy.config import Config, ConfigError, backend_only_config, load_config, with_listen
 from proxy.notify import notify
+from proxy.reload import Reloader
+from proxy.state import LIVE, Live
+from proxy.supervisor import SUPERVISOR_ENV, WORKER_ENV, Supervisor, worker_count
 
 logger = logging.getLogger("proxy")
 EXIT_CONFIG = 2
 EXIT_START = 1  # the gateway could not start serving (its port is taken, say)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+STATUS_EVERY_S = 5.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class CannotListen(Exception):
@@ -58,12 +65,24 @@ def build_config(args: argparse.Namespace) -> Config:
     return with_listen(load_config(text), args.host, args.port)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, environ: Mapping[str, str]) -> None:
+    """Logs (not the access log) on standard error; a worker names itself in each line."""
+    worker = environ.get(WORKER_ENV)
+    who = f"[worker {worker}] " if worker is not None else ""
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s: {who}%(message)s",
         stream=sys.stderr,
     )
+
+
+def die_with_supervisor(environ: Mapping[str, str]) -> None:
+    """A worker gets SIGTERM (and drains) when its supervisor dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        logger.warning("could not ask to be told of the supervisor's death")
+    if str(os.getppid()) != environ.get(SUPERVISOR_ENV):
+        os.kill(os.getpid(), signal.SIGTERM)  # it died before the request took
 
 
 def raise_open_files_limit() -> None:
@@ -78,30 +97,60 @@ def raise_open_files_limit() -> None:
     logger.info("open-files limit: %d", hard)
 
 
-async def serve(config: Config, config_path: Path | None) -> None:
-    """Run the gateway until SIGTERM or SIGINT, then let requests in flight finish."""
-    app = create_app(config, access_log=sys.stdout.buffer)
+async def serve(config: Config, args: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """Run the gateway until SIGTERM or SIGINT, then let requests in flight finish; SIGHUP
+    reloads the config file."""
+    app = create_app(config, environ=environ, access_log=sys.stdout.buffer)
     host, port = config.server.host, config.server.port
+    worker = WORKER_ENV in environ
     try:
-        serving = await serve_app(app, config, host, port)
+        serving = await serve_app(app, config, host, port, reuse_port=worker)
     except OSError as exc:
         raise CannotListen(listen_failure(host, port, exc)) from exc
+    live = app[LIVE]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hangup, config_path)
+    if args.config is not None:
+        reloader = Reloader(live, lambda: build_config(args), str(args.config), environ)
+        loop.add_signal_handler(signal.SIGHUP, reloader.requested)
+    else:
+        loop.add_signal_handler(signal.SIGHUP, _nothing_to_reload)
     for address in serving.addresses:
         logger.info("inference-proxy listening on http://%s:%s", _host(address[0]), address[1])
     models = ", ".join(config.models) if config.models else "as the backends list them"
     backends = ", ".join(f"{n}={b.url}" for n, b in config.backends.items())
     logger.info("backends: %s; models: %s", backends, models)
-    notify(os.environ, "READY=1", f"MAINPID={os.getpid()}")
+    notify(environ, "READY=1", f"MAINPID={os.getpid()}", status_line(live))
+    reporting = asyncio.create_task(report_status(live, environ), name="status")
     await stop.wait()
-    notify(os.environ, "STOPPING=1")
+    reporting.cancel()
+    notify(environ, "STOPPING=1")
     logger.info("stopping: letting requests in flight finish (up to %ss)", config.server.drain_s)
     await serving.close(config.server.drain_s)
     logger.info("stopped")
+
+
+def status_line(live: Live) -> str:
+    """sd_notify's STATUS: what the gateway is doing now, in a few words."""
+    state = live.state
+    busy = len(state.clients.busy) if state.clients is not None else 0
+    up = sum(state.healthy(asyncio.get_running_loop().time()).values())
+    return f"STATUS=serving: {busy} request(s) in flight, {up}/{len(state.backends)} backends up"
+
+
+async def report_status(live: Live, environ: Mapping[str, str]) -> None:
+    """A STATUS line for `systemctl status` every few seconds (nothing without a manager)."""
+    if "NOTIFY_SOCKET" not in environ:
+        return
+    while True:
+        await asyncio.sleep(STATUS_EVERY_S)
+        notify(environ, status_line(live))
+
+
+def _nothing_to_reload() -> None:
+    logger.warning("SIGHUP: running without a config file (--backend); nothing to reload")
 
 
 def listen_failure(host: str, port: int, exc: OSError) -> str:
@@ -115,36 +164,13 @@ def listen_failure(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {_host(host)}:{port}: {cause}"
 
 
-def on_hangup(config_path: Path | None) -> None:
-    """SIGHUP must never kill a serving gateway. Applying a new config to a running one is
-    not built yet, so the file is checked (its errors logged) and the running config kept."""
-    if config_path is None:
-        logger.warning("SIGHUP: running without a config file; nothing to reload")
-        return
-    try:
-        load_config(config_path.read_bytes())
-    except OSError as exc:
-        logger.error("SIGHUP: cannot read %s: %s; the running config stays", config_path, exc)
-        return
-    except ConfigError as exc:
-        for error in exc.errors:
-            logger.error("SIGHUP: %s: %s", config_path, error)
-        logger.error("SIGHUP: %s has errors; the running config stays", config_path)
-        return
-    logger.warning(
-        "SIGHUP: %s is valid, but a live reload is not supported in this version; "
-        "restart the gateway to apply it (the running config stays)",
-        config_path,
-    )
-
-
 def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, os.environ)
     try:
         config = build_config(args)
     except ConfigError as exc:
@@ -155,8 +181,25 @@ def main(argv: list[str] | None = None) -> int:
         print("config ok")
         return 0
     raise_open_files_limit()
+    count = worker_count(config.server.workers, os.cpu_count())
+    if count > 1 and WORKER_ENV not in os.environ:
+        supervisor = Supervisor(
+            sys.argv[1:] if argv is None else argv,
+            config,
+            count,
+            lambda: build_config(args),
+            os.environ,
+        )
+        try:
+            return uvloop.run(supervisor.run())
+        except OSError as exc:
+            host, port = config.server.host, config.server.port
+            print(f"inference-proxy: {listen_failure(host, port, exc)}", file=sys.stderr)
+            return EXIT_START
+    if WORKER_ENV in os.environ:
+        die_with_supervisor(os.environ)
     try:
-        uvloop.run(serve(config, args.config))
+        uvloop.run(serve(config, args, os.environ))
     except CannotListen as exc:
         print(f"inference-proxy: {exc}", file=sys.stderr)
         return EXIT_START

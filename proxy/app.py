@@ -18,7 +18,8 @@ from proxy.listener import GuardedServer, close, listen
 from proxy.metrics import Metrics
 from proxy.middleware import gateway_middleware, malformed
 from proxy.routes import add_routes
-from proxy.state import STATE, GatewayState
+from proxy.state import LIVE, GatewayState, Live
+from proxy.tls import server_context
 from proxy.upstream import open_backends
 from proxy.workermetrics import worker_metrics
 
@@ -41,25 +42,26 @@ def create_app(
         client_max_size=int(config.server.max_body_mb * 1024 * 1024),
     )
     log = AccessLog(access_log if config.server.access_log else None)
-    app[STATE] = GatewayState(
-        config, keys, {}, Metrics(list(config.backends), config.timeouts.max_request_s), log
-    )
+    metrics = Metrics(list(config.backends), config.timeouts.max_request_s)
+    live = app[LIVE] = Live(GatewayState(config, keys, {}, metrics, log))
 
     async def backends(app: web.Application) -> AsyncIterator[None]:
-        state = app[STATE]
-        state.backends = open_backends(config, env)
-        state.metrics.in_flight = lambda: {n: b.in_flight for n, b in state.backends.items()}
+        live.state.backends = open_backends(config, env)
+        metrics.in_flight = lambda: {n: b.in_flight for n, b in live.state.backends.items()}
         loop = asyncio.get_running_loop()
-        state.metrics.backend_up = lambda: state.healthy(loop.time())
-        state.metrics.queue_depth = lambda: state.admission.waiting
+        metrics.backend_up = lambda: live.state.healthy(loop.time())
+        metrics.queue_depth = lambda: live.state.admission.waiting
         yield
-        for backend in state.backends.values():
+        for task in list(live.tasks):  # backends a reload was retiring close now
+            task.cancel()
+        await asyncio.gather(*live.tasks, return_exceptions=True)
+        for backend in live.state.backends.values():
             backend.close()
 
     app.cleanup_ctx.append(backends)
     app.cleanup_ctx.append(health_checks)
     app.cleanup_ctx.append(lambda _app: log.flushing())
-    app.cleanup_ctx.append(worker_metrics(app, env, app[STATE].metrics))
+    app.cleanup_ctx.append(worker_metrics(app, env, metrics))  # the peers' /metrics socket
     add_routes(app)
     for name, backend in config.backends.items():
         if backend.api_key_env and not env.get(backend.api_key_env):
@@ -94,30 +96,35 @@ class Serving:
     async def close(self, drain_s: float) -> None:
         """Refuse new connections, let requests in flight finish for up to `drain_s`, then
         close the app's resources."""
+        self.runner.app[LIVE].draining = True  # /ready says so from now on
         await close(self.listener, self.server, drain_s)
         await self.runner.cleanup()
 
 
-async def serve_app(app: web.Application, config: Config, host: str, port: int) -> Serving:
-    """Set the app up and listen on host:port; raises OSError when the socket cannot open."""
+async def serve_app(
+    app: web.Application, config: Config, host: str, port: int, *, reuse_port: bool = False
+) -> Serving:
+    """Set the app up and listen on host:port (`reuse_port`: as one of several workers);
+    raises OSError when the socket cannot open."""
+    tls = server_context(config.server.tls) if config.server.tls else None  # or ConfigError
     runner = make_runner(app, config)
     await runner.setup()
     s = config.server
-    state = app[STATE]
+    live = app[LIVE]
     server = GuardedServer(
         runner,
         header_timeout_s=s.header_timeout_s,
         max_connections=s.max_connections,
-        malformed=lambda status: malformed(state, status),
+        malformed=lambda status: malformed(live.state, status),
         access_log=None,  # the middleware writes the access log
         keepalive_timeout=s.keepalive_s,
         # A body left unread (413, 408) is read and dropped for at most this long before the
         # connection closes, so the client sees the answer rather than a reset (aiohttp: 10 s).
         lingering_time=1.0,
     )
-    state.clients = server
+    live.state.clients = server
     try:
-        listener = await listen(server, host, port)
+        listener = await listen(server, host, port, reuse_port=reuse_port, ssl=tls)
     except OSError:
         await runner.cleanup()
         raise

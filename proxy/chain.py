@@ -28,7 +28,7 @@ class Call:
 
     def __init__(self, request: web.Request, body: bytes, deadline: float) -> None:
         self.request = request
-        self.state = request.app[STATE]
+        self.state = request[STATE]
         self.ex = request[EXCHANGE]
         self.body = body  # as received (a route may put its own translation in its place)
         self.deadline = deadline  # event-loop time
@@ -41,7 +41,7 @@ async def begin(request: web.Request) -> Call:
     The deadline counts from the request's arrival; a malformed timeout header is refused
     before the body is read. A client that vanishes mid-body ends the request here.
     """
-    state, ex = request.app[STATE], request[EXCHANGE]
+    state, ex = request[STATE], request[EXCHANGE]
     ex.model_label = UNKNOWN_MODEL  # until routing names a configured one
     budget = request_budget(request.headers.get(TIMEOUT_HEADER), state.config.timeouts)
     now = asyncio.get_running_loop().time()

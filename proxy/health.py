@@ -14,7 +14,7 @@ from proxy.config import Config, health_path
 from proxy.errors import ProxyError
 from proxy.fleet import probed
 from proxy.signals import MAX_METRICS_BYTES, exports, parse
-from proxy.state import STATE, GatewayState
+from proxy.state import LIVE, GatewayState, Live
 from proxy.upstream import Backend, fetch
 
 logger = logging.getLogger("proxy.health")
@@ -80,8 +80,9 @@ async def scrape(state: GatewayState, backend: Backend) -> None:
         state.signals[backend.name] = parse(backend.config.kind, body, now)
 
 
-async def _poll(state: GatewayState) -> None:
+async def _poll(live: Live) -> None:
     while True:
+        state = live.state  # a reload may have put a new one in force
         await check_all(state)
         await asyncio.gather(
             *(scrape(state, b) for b in state.backends.values() if exports(b.config.kind))
@@ -95,7 +96,7 @@ async def _poll(state: GatewayState) -> None:
 
 async def health_checks(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: the polling task lives exactly as long as the app."""
-    task = asyncio.create_task(_poll(app[STATE]), name="health-checks")
+    task = asyncio.create_task(_poll(app[LIVE]), name="health-checks")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any
 
 from aiohttp import web
@@ -39,6 +40,9 @@ EXPECT: web.RequestKey[str] = web.RequestKey("expect", str)
 BAD_VERSION: web.RequestKey[str] = web.RequestKey("bad_version", str)
 
 _LOG_EVERY_S = 1.0
+_DRAIN_LOG_EVERY_S = 1.0
+_DRAIN_POLL_S = 0.05
+_CUT_S = 0.5  # what is left after the drain: cancelled, and this long to wind down
 
 
 class GuardedServer(web.Server):
@@ -199,15 +203,52 @@ class _GatewayRequestHandler(RequestHandler):
         return response
 
 
-async def listen(server: GuardedServer, host: str, port: int) -> asyncio.Server:
-    """Open the listening socket; every connection goes through the guarded server."""
+async def listen(
+    server: GuardedServer,
+    host: str,
+    port: int,
+    *,
+    reuse_port: bool = False,
+    ssl: SSLContext | None = None,
+) -> asyncio.Server:
+    """Open the listening socket; every connection goes through the guarded server.
+
+    `reuse_port`: one of several workers' sockets on the same port (SO_REUSEPORT), among
+    which the kernel spreads new connections.
+
+    `ssl`: serve HTTPS. A connection must finish its TLS handshake within the head timeout
+    (the loop's own timer closes it); its head timer starts once the handshake is done.
+    """
     loop = asyncio.get_running_loop()
-    return await loop.create_server(server, host, port, backlog=4096)
+    return await loop.create_server(
+        server,
+        host,
+        port,
+        backlog=4096,
+        reuse_port=reuse_port or None,
+        ssl=ssl,
+        ssl_handshake_timeout=server.header_timeout_s if ssl is not None else None,
+    )
 
 
 async def close(listener: asyncio.Server, server: GuardedServer, drain_s: float) -> None:
-    """Stop accepting, then let requests in flight finish for up to `drain_s` seconds."""
+    """Stop accepting, close idle connections, then let requests in flight finish for up to
+    `drain_s` seconds, saying every second how many remain; what is left then is cut."""
     listener.close()
     await asyncio.sleep(0)  # requests that were arriving as the socket closed get handled
     server.pre_shutdown()
-    await server.shutdown(drain_s)
+    now = time.monotonic()
+    deadline, next_log = now + drain_s, now
+    while server.busy and now < deadline:
+        if now >= next_log:
+            logger.info(
+                "draining: %d request(s) in flight, up to %.0f s left",
+                len(server.busy),
+                deadline - now,
+            )
+            next_log = now + _DRAIN_LOG_EVERY_S
+        await asyncio.sleep(_DRAIN_POLL_S)
+        now = time.monotonic()
+    if server.busy:
+        logger.warning("drain time is up (server.drain_s): %d request(s) cut", len(server.busy))
+    await server.shutdown(_CUT_S)

@@ -30,7 +30,7 @@ from proxy.errors import (
 from proxy.exchange import ClientGone, Exchange, disconnect_phase
 from proxy.headers import REQUEST_ID
 from proxy.listener import BAD_VERSION, EXPECT
-from proxy.state import STATE, GatewayState
+from proxy.state import LIVE, STATE, GatewayState
 
 logger = logging.getLogger("proxy")
 
@@ -126,7 +126,7 @@ def from_http_exception(exc: web.HTTPException) -> ProxyError:
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, authentication (before routing), the handler, then one envelope for any
     error and one round of accounting (metrics, access log) for every request."""
-    state: GatewayState = request.app[STATE]
+    state = request[STATE] = request.app[LIVE].state
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else UNMATCHED_ROUTE
     ex = Exchange(

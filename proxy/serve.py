@@ -160,5 +160,5 @@ async def serve_openai(
 
 def vision_of(request: web.Request, model: str) -> bool:
     """Whether the configured model takes images (translated routes refuse them otherwise)."""
-    entry = request.app[STATE].config.models.get(model)
+    entry = request[STATE].config.models.get(model)
     return entry is not None and entry.vision

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 
@@ -54,4 +55,18 @@ class GatewayState:
         return {name: health.up(now) for name, health in self.fleet.items()}
 
 
-STATE: web.AppKey[GatewayState] = web.AppKey("state", GatewayState)
+class Live:
+    """The state in force, which a reload replaces (a request keeps the one it began with),
+    and whether the gateway is draining (stopping: `/ready` says so at once)."""
+
+    __slots__ = ("draining", "state", "tasks")
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        self.draining = False
+        self.tasks: set[asyncio.Task[None]] = set()  # backends a reload retires
+
+
+LIVE: web.AppKey[Live] = web.AppKey("live", Live)
+# The state a request began with, set by the middleware before anything else reads it.
+STATE: web.RequestKey[GatewayState] = web.RequestKey("state", GatewayState)

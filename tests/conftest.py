@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestServer
 
 from proxy.app import Serving, create_app, serve_app
 from proxy.config import Config, load_config
-from proxy.state import STATE, GatewayState
+from proxy.state import LIVE, GatewayState
 from tests.fakes import FakeUpstream
 
 pytest_plugins = ["tests.real_backend.fixtures"]
@@ -80,7 +80,7 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Coroutine[Any, Any, G
         app = create_app(config, env or {}, access_log=log)
         serving = await serve_app(app, config, "127.0.0.1", 0)
         port = serving.addresses[0][1]
-        gateway = Gateway(f"http://127.0.0.1:{port}", app[STATE], serving, log)
+        gateway = Gateway(f"http://127.0.0.1:{port}", app[LIVE].state, serving, log)
         started.append(gateway)
         return gateway
 

@@ -63,14 +63,14 @@ def page(items: list[dict[str, object]], token: str | None, size: int) -> dict[s
 
 async def list_endpoints(request: web.Request) -> web.Response:
     """GET /api/2.0/endpoints/: the listing, paginated."""
-    cards = await endpoint_cards(request.app[STATE])
+    cards = await endpoint_cards(request[STATE])
     return json_response(page(cards, request.query.get("page_token"), PAGE_SIZE))
 
 
 async def get_endpoint(request: web.Request) -> web.Response:
     """GET /api/2.0/endpoints/{endpoint}: one endpoint, or a 404 envelope."""
     name = request.match_info["endpoint"]
-    for card in await endpoint_cards(request.app[STATE]):
+    for card in await endpoint_cards(request[STATE]):
         if card["name"] == name:
             return json_response(card)
     raise NotFound(f"endpoint '{name[:200]}' does not exist; GET /api/2.0/endpoints/ lists them")

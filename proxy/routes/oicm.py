@@ -23,7 +23,7 @@ async def endpoint_proxy(request: web.Request) -> web.StreamResponse:
     endpoint = request.match_info["endpoint"]
     path = subpath(request.raw_path, 3)  # after /models/{endpoint}/proxy, as the client sent it
     if path == "/v1/models" and request.method in ("GET", "HEAD"):
-        cards = await model_cards(request.app[STATE])
+        cards = await model_cards(request[STATE])
         return json_response({"object": "list", "data": cards})
     call = await begin(request)
     if path in OPENAI_POST_ROUTES and request.method == "POST":

@@ -55,13 +55,13 @@ def openai_route(path: str) -> Handler:
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the configured models, or the backends' own lists merged."""
-    state = request.app[STATE]
+    state = request[STATE]
     return json_response({"object": "list", "data": await model_cards(state)})
 
 
 async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{id}: one model card, or a 404 envelope."""
-    state = request.app[STATE]
+    state = request[STATE]
     wanted = request.match_info["model"]
     for card in await model_cards(state):
         if card.get("id") == wanted:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 
 from multidict import CIMultiDict
 
-from proxy.accesslog import access_record
+from proxy.accesslog import ATOMIC_BYTES, AccessLog, access_record, line_chunks
 from proxy.auth import KeySet, authenticate
 from proxy.exchange import Exchange
 from proxy.usage import Usage
@@ -106,3 +107,30 @@ def test_access_record_client_gone() -> None:
     ex.client_gone = True
     record = json.loads(access_record(ex, "POST", "/v1/chat/completions", 100.5, NOW))
     assert (499, True, 250.0) == (record["status"], record["client_gone"], record["ttfb_ms"])
+
+
+def test_line_chunks_cut_only_between_lines() -> None:
+    """Pieces hold whole lines, each within the limit unless one line alone is over it."""
+    lines = [b"a" * 3 + b"\n", b"b" * 5 + b"\n", b"c\n", b"d" * 20 + b"\n", b"e\n"]
+    chunks = line_chunks(lines, 10)
+    assert [b"aaa\nbbbbb\n", b"c\n", b"d" * 20 + b"\n", b"e\n"] == chunks
+    assert b"".join(lines) == b"".join(chunks)
+    assert [] == line_chunks([], 10)
+
+
+def test_lines_are_written_whole_and_at_most_pipe_buf_at_a_time() -> None:
+    """Several workers share one standard output: every write holds whole lines only."""
+    writes: list[bytes] = []
+
+    class Recording(io.BytesIO):
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            writes.append(bytes(data))
+            return len(data)
+
+    log = AccessLog(Recording())
+    for _ in range(100):
+        log.pending.append(b"x" * 299 + b"\n")
+    log.flush()
+    assert 100 * 300 == sum(len(w) for w in writes)
+    assert all(len(w) <= ATOMIC_BYTES and w.endswith(b"\n") for w in writes)
+    assert [] == log.pending
