@@ -270,6 +270,12 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
     )
     if s.max_connections < 1:
         errors.append("server.max_connections: must be at least 1")
+    if s.tls is not None:  # that the files load is proxy/tls.py's check, made at start
+        errors.extend(
+            f"server.tls.{name}: must name a PEM file"
+            for name in ("cert_file", "key_file")
+            if not getattr(s.tls, name)
+        )
     errors.extend(
         f"timeouts.{name}: must be a positive number"
         for name in ("request_s", "max_request_s", "connect_s", "idle_s")
@@ -404,6 +410,10 @@ def _check_backend(path: str, backend: BackendConfig) -> list[str]:
             errors.append(f"{path}.url: '{backend.url[:200]}' is not an http(s) URL with a host")
         elif parts.query or parts.fragment:
             errors.append(f"{path}.url: must not carry a query or fragment")
+        if backend.ca_file is not None and parts.scheme == "http":
+            errors.append(f"{path}.ca_file: only an https:// url is verified with a CA file")
+    if backend.ca_file == "":
+        errors.append(f"{path}.ca_file: must name a PEM file")
     if backend.max_in_flight is not None and backend.max_in_flight < 1:
         errors.append(f"{path}.max_in_flight: must be at least 1")
     if not _positive(backend.keepalive_s):

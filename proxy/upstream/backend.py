@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from proxy.config import BackendConfig, Config
 from proxy.errors import BackendUnreachable
+from proxy.tls import client_context
 from proxy.upstream.connection import ConnectionClosed
 from proxy.upstream.pool import Pool
 from proxy.upstream.response import Response
 
 
 class Backend:
-    """A configured backend: its base URL, credentials and keep-alive pool."""
+    """A configured backend: its base URL, credentials and keep-alive pool (with its one TLS
+    context for an https URL; a `ca_file` that does not load is a ConfigError here)."""
 
     def __init__(self, name: str, config: BackendConfig, api_key: str | None, connect_s: float):
         self.name = name
@@ -20,7 +23,10 @@ class Backend:
         self.base_path = _base_path(config.url)
         self.api_key = api_key
         self.in_flight = 0
-        self.pool = Pool(config.url, config.keepalive_s, connect_s, config.max_connections)
+        tls = None
+        if urlsplit(config.url).scheme == "https":
+            tls = client_context(config.ca_file, f"backends.{name}.ca_file")
+        self.pool = Pool(config.url, config.keepalive_s, connect_s, config.max_connections, tls)
         # Header lines every request to this backend carries.
         fixed = [b"Host: " + self.pool.host_header + b"\r\n"]
         if api_key:

@@ -20,14 +20,22 @@ class Pool:
     one lets the first in line open a new one.
     """
 
-    def __init__(self, url: str, keepalive_s: float, connect_s: float, limit: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        keepalive_s: float,
+        connect_s: float,
+        limit: int,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """`tls`: the context for an https `url` (made once per backend, see proxy/tls.py)."""
         parts = urlsplit(url)
         self.loop = asyncio.get_running_loop()
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self.ssl: ssl.SSLContext | None = (
-            ssl.create_default_context() if parts.scheme == "https" else None
-        )
+        if (parts.scheme == "https") != (tls is not None):
+            raise ValueError("an https url needs a TLS context, and only an https url takes one")
+        self.ssl = tls
         default_port = (parts.scheme == "https" and self.port == 443) or self.port == 80
         self.host_header = parts.netloc.encode() if not default_port else self.host.encode()
         self.keepalive_s = keepalive_s
@@ -106,6 +114,7 @@ class Pool:
         return conn
 
     async def _open(self) -> Connection:
+        """Connect, and for https finish the TLS handshake, all within `connect_s`."""
         try:
             async with asyncio.timeout(self.connect_s):
                 _, conn = await self.loop.create_connection(
@@ -118,6 +127,17 @@ class Pool:
         except TimeoutError as exc:
             raise BackendUnreachable(
                 f"connecting to {self.host}:{self.port} took over {self.connect_s} s"
+            ) from exc
+        except ssl.SSLCertVerificationError as exc:
+            raise BackendUnreachable(
+                f"TLS verification of backend {self.host}:{self.port} failed: "
+                f"{exc.verify_message} (the gateway trusts the system's CAs, or only the "
+                "backend's ca_file when it is set, and checks the host name)"
+            ) from exc
+        except ssl.SSLError as exc:
+            raise BackendUnreachable(
+                f"TLS handshake with backend {self.host}:{self.port} failed: "
+                f"{exc.reason or exc} (does it serve https on that port?)"
             ) from exc
         except OSError as exc:
             raise BackendUnreachable(
