@@ -400,3 +400,19 @@ def test_good_files_pass_check(pems, tmp_path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert (0, "config ok\n") == (result.returncode, result.stdout)
+
+
+def test_readme_tls_example_loads(pems) -> None:
+    """The README's TLS example is a valid config whose files, once they exist, all load."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### TLS\n", 1)[1].split("\n## ", 1)[0]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    for name, path in (("cert", pems["cert"]), ("key", pems["key"]), ("gpu-ca", pems["ca"])):
+        example = example.replace(f"/etc/inference-proxy/{name}.pem", path)
+    config = load_config(example)
+    check_files(config)
+    assert config.server.tls is not None
+    assert (pems["cert"], pems["ca"]) == (
+        config.server.tls.cert_file,
+        config.backends["gpu-a"].ca_file,
+    )
