@@ -195,6 +195,7 @@ class Supervisor:
                 str(self.port),
                 env=self._worker_env(worker.index),
             )
+            logger.info("worker %d started (pid %d)", worker.index, worker.process.pid)
             if self.stopping:  # the stop came while it was starting
                 _signal(worker, signal.SIGTERM)
             code = await worker.process.wait()

@@ -68,11 +68,12 @@ class Notifications:
             self.messages.append(fields)
 
     def wait_for(self, key: str, value: str | None = None, after: int = 0, within_s: float = 30):
-        """The first message from index `after` on that has `key` (= `value`)."""
+        """The first message from index `after` on that has `key` (whose value starts with
+        `value`)."""
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             for message in self.messages[after:]:
-                if key in message and (value is None or message[key] == value):
+                if key in message and message[key].startswith(value or ""):
                     return message
             time.sleep(0.02)
         raise AssertionError(f"no {key}={value} in {self.messages[after:]}")

@@ -1,0 +1,102 @@
+"""What a reload changes and what it carries over, from values (no server)."""
+
+from __future__ import annotations
+
+import io
+
+from proxy.accesslog import AccessLog
+from proxy.auth import KeySet
+from proxy.config import Config, load_config
+from proxy.metrics import Metrics
+from proxy.reload import Changes, changes, successor
+from proxy.state import GatewayState
+from proxy.upstream import open_backends
+
+OLD = """
+server: {port: 8000}
+backends:
+  a: {url: 'http://127.0.0.1:9001'}
+  b: {url: 'http://127.0.0.1:9002'}
+  c: {url: 'http://127.0.0.1:9003'}
+models:
+  m1: {targets: [{backend: a}, {backend: b}]}
+  m2: {targets: [{backend: c}]}
+"""
+NEW = """
+server: {port: 9000, drain_s: 5}
+backends:
+  a: {url: 'http://127.0.0.1:9001'}
+  b: {url: 'http://127.0.0.1:9012'}
+  d: {url: 'http://127.0.0.1:9004'}
+models:
+  m1: {targets: [{backend: a}, {backend: b}]}
+  m3: {targets: [{backend: d}]}
+"""
+
+
+def state_of(config: Config) -> GatewayState:
+    state = GatewayState(
+        config, KeySet.from_env(None), {}, Metrics(list(config.backends)), AccessLog(io.BytesIO())
+    )
+    state.backends = open_backends(config, {})
+    return state
+
+
+def test_changes_name_every_model_backend_and_server_key() -> None:
+    diff = changes(load_config(OLD), load_config(NEW))
+    assert (
+        Changes(
+            models_added=("m3",),
+            models_removed=("m2",),
+            backends_added=("d",),
+            backends_removed=("c",),
+            backends_changed=("b",),
+            restart_only=("server.port", "server.drain_s"),
+        )
+        == diff
+    )
+    assert (
+        "models added: m3; models removed: m2; backends added: d; backends removed: c; "
+        "backends changed: b"
+    ) == diff.summary()
+    assert "no model or backend changed" == changes(load_config(OLD), load_config(OLD)).summary()
+
+
+def test_a_connect_timeout_change_rebuilds_every_backend() -> None:
+    new = load_config(OLD + "timeouts: {connect_s: 1}\n")
+    assert ("a", "b", "c") == changes(load_config(OLD), new).backends_changed
+
+
+async def test_successor_keeps_unchanged_backends_with_their_load_and_health() -> None:
+    """Backend a is the same object (pool, in-flight count), with its health; b changed and
+    c left: both are returned to retire; d is new and not yet probed; the server section in
+    force stays until a restart."""
+    old = state_of(load_config(OLD))
+    old.backends["a"].in_flight = 3
+    old.fleet["a"].probed_up = True
+    old.saturated["a"] = 99.0
+    new, gone = successor(old, load_config(NEW), {})
+    assert new.backends["a"] is old.backends["a"]
+    assert 3 == new.backends["a"].in_flight
+    assert new.fleet["a"] is old.fleet["a"]
+    assert 99.0 == new.saturated["a"]
+    assert new.backends["b"] is not old.backends["b"]
+    assert "http://127.0.0.1:9012" == new.backends["b"].config.url
+    assert not new.fleet["d"].probed_up
+    assert {old.backends["b"], old.backends["c"]} == set(gone)
+    assert old.config.server == new.config.server
+    assert {"m1", "m3"} == set(new.config.models)
+    assert new.metrics is old.metrics
+    assert new.admission is old.admission
+    for backend in [*new.backends.values(), *gone]:
+        backend.close()
+
+
+async def test_successor_reads_keys_and_backend_secrets_from_the_environment() -> None:
+    text = OLD.replace("{url: 'http://127.0.0.1:9003'}", "{url: 'http://x:1', api_key_env: K}")
+    old = state_of(load_config(OLD))
+    new, gone = successor(old, load_config(text), {"API_KEYS": "k1,k2", "K": "secret"})
+    assert 2 == len(new.keys)
+    assert "secret" == new.backends["c"].api_key
+    for backend in [*new.backends.values(), *gone]:
+        backend.close()
