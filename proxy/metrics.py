@@ -9,18 +9,15 @@ stay bounded.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import ProcessCollector
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from proxy.exposition import Family, Series, from_prometheus, render
 
 # Time to first token: dense where interactive targets live (0.1 s to 30 s), up to 120 s.
 TTFT_BUCKETS: tuple[float, ...] = (
@@ -111,155 +108,139 @@ class Metrics:
         self.backend_up: Callable[[], dict[str, bool]] = lambda: dict.fromkeys(backends, False)
         self.in_flight: Callable[[], dict[str, int]] = lambda: dict.fromkeys(backends, 0)
         self.queue_depth: Callable[[], int] = lambda: 0
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
         # process_resident_memory_bytes, process_open_fds, process_max_fds, CPU seconds...
         # of the serving process, read from /proc at scrape time.
-        ProcessCollector(registry=self.registry)
+        self.process = ProcessCollector(registry=None)
 
     def upstream_error(self, backend: str, kind: str) -> None:
         self.upstream_errors[backend, kind] += 1
 
     def render(self) -> bytes:
         """The text exposition format."""
-        return generate_latest(self.registry)
+        return render(self.families())
 
+    def families(self) -> list[Family]:
+        """The tallies as metric families, then the process's."""
+        return [*self._families(), *from_prometheus(self.process.collect())]
 
-class _Collector:
-    """Turns the tallies into Prometheus metric families at scrape time."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.m = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        m = self.m
-        requests = CounterMetricFamily(
+    def _families(self) -> Iterator[Family]:
+        yield _counter(
             "proxy_requests",
             "Requests answered, by route template, model, backend and HTTP status.",
-            labels=["route", "model", "backend", "status"],
+            ("route", "model", "backend", "status"),
+            self.requests,
         )
-        for request_labels, count in m.requests.items():
-            requests.add_metric(list(request_labels), count)
-        yield requests
         yield _histogram(
             "proxy_request_duration_seconds",
             "Time from a request's arrival to the end of its response.",
-            ["route", "model"],
-            m.duration,
+            ("route", "model"),
+            self.duration,
         )
         yield _histogram(
             "proxy_time_to_first_token_seconds",
             "Time from a streaming request's arrival to the first body bytes from the backend.",
-            ["model", "backend"],
-            m.ttft,
+            ("model", "backend"),
+            self.ttft,
         )
         yield _histogram(
             "proxy_inter_event_seconds",
             "Mean gap between the SSE events of one stream, observed once at its end.",
-            ["model", "backend"],
-            m.inter_event,
+            ("model", "backend"),
+            self.inter_event,
         )
-        in_flight = GaugeMetricFamily(
+        yield _gauge(
             "proxy_in_flight_requests",
             "Requests a backend is serving now through this gateway.",
-            labels=["backend"],
+            ("backend",),
+            self.in_flight(),
         )
-        for name, count in m.in_flight().items():
-            in_flight.add_metric([name], count)
-        yield in_flight
-        errors = CounterMetricFamily(
+        yield _counter(
             "proxy_upstream_errors",
             "Failures talking to a backend, by error type.",
-            labels=["backend", "type"],
+            ("backend", "type"),
+            self.upstream_errors,
         )
-        for labels, count in m.upstream_errors.items():
-            errors.add_metric(list(labels), count)
-        yield errors
         yield _counter(
             "proxy_stream_errors",
             "Responses that failed after their head went out (counted as their status, 200, in "
             "proxy_requests_total): the stream stalled, ran out of time or was cut by the backend.",
-            ["model", "backend", "type"],
-            m.stream_errors,
+            ("model", "backend", "type"),
+            self.stream_errors,
         )
         yield _counter(
             "proxy_client_disconnects",
             "Clients that went away before their answer was complete, by where they were: "
             "request (sending the body), upstream_head (waiting for the backend's head), "
             "first_event (head sent, no body yet), mid_stream.",
-            ["model", "backend", "phase"],
-            m.disconnects,
+            ("model", "backend", "phase"),
+            self.disconnects,
         )
-        chunks = CounterMetricFamily(
-            "proxy_stream_chunks", "SSE events relayed to clients.", labels=["model"]
+        yield _counter(
+            "proxy_stream_chunks", "SSE events relayed to clients.", ("model",), self.stream_chunks
         )
-        for model, count in m.stream_chunks.items():
-            chunks.add_metric([model], count)
-        yield chunks
-        tokens = CounterMetricFamily(
+        yield _counter(
             "proxy_tokens",
             "Tokens the backends reported in usage, by kind (prompt or completion).",
-            labels=["model", "kind"],
+            ("model", "kind"),
+            self.tokens,
         )
-        for labels, count in m.tokens.items():
-            tokens.add_metric(list(labels), count)
-        yield tokens
-        up = GaugeMetricFamily(
+        yield _gauge(
             "proxy_backend_up",
             "1 when the backend may get traffic (its health checks pass and it is not ejected).",
-            labels=["backend"],
+            ("backend",),
+            {name: int(up) for name, up in self.backend_up().items()},
         )
-        for name, value in m.backend_up().items():
-            up.add_metric([name], 1 if value else 0)
-        yield up
         yield _counter(
             "proxy_retries",
             "Targets given up before any byte reached the client, and why (unreachable, timeout, "
             "or the backend's 429, 502, 503 or 504): the request went on to the next target.",
-            ["model", "reason"],
-            m.retries,
+            ("model", "reason"),
+            self.retries,
         )
         yield _counter(
             "proxy_routing_decisions",
             "Targets tried, by why each was chosen (affinity, rebalanced, least_loaded, "
             "weighted, only, retry, fallback, queued).",
-            ["model", "backend", "reason"],
-            m.decisions,
+            ("model", "backend", "reason"),
+            self.decisions,
         )
-        ejections = CounterMetricFamily(
+        yield _counter(
             "proxy_backend_ejections",
             "Times a backend was ejected by outlier detection.",
-            labels=["backend"],
+            ("backend",),
+            self.ejections,
         )
-        for name, count in m.ejections.items():
-            ejections.add_metric([name], count)
-        yield ejections
         yield _histogram(
             "proxy_queue_wait_seconds",
             "Time requests waited for a free target (every target at its max_in_flight).",
-            ["model"],
-            m.queue_wait,
+            ("model",),
+            self.queue_wait,
         )
-        depth = GaugeMetricFamily(
-            "proxy_queue_depth", "Requests waiting for a free target now.", labels=[]
+        yield _gauge(
+            "proxy_queue_depth",
+            "Requests waiting for a free target now.",
+            (),
+            {(): self.queue_depth()},
         )
-        depth.add_metric([], m.queue_depth())
-        yield depth
 
 
-def _counter(
-    name: str, doc: str, labels: list[str], series: Mapping[Any, int]
-) -> CounterMetricFamily:
-    family = CounterMetricFamily(name, doc, labels=labels)
-    for values, count in series.items():
-        family.add_metric(list(values), count)
-    return family
+def _values(key: tuple[str, ...] | str) -> list[str]:
+    return [key] if isinstance(key, str) else list(key)
 
 
-def _histogram(
-    name: str, doc: str, labels: list[str], series: dict[tuple[str, ...], Histogram]
-) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, doc, labels=labels)
-    for values, histogram in series.items():
-        family.add_metric(list(values), histogram.buckets(), histogram.total)
-    return family
+def _counter(name: str, doc: str, labels: tuple[str, ...], series: Mapping[Any, int]) -> Family:
+    rows = [Series(_values(key), [float(count)]) for key, count in series.items()]
+    return Family(name, "counter", doc, labels, rows)
+
+
+def _gauge(name: str, doc: str, labels: tuple[str, ...], series: Mapping[Any, int]) -> Family:
+    rows = [Series(_values(key), [float(value)]) for key, value in series.items()]
+    return Family(name, "gauge", doc, labels, rows)
+
+
+def _histogram(name: str, doc: str, labels: tuple[str, ...], series: Histograms) -> Family:
+    rows = [
+        Series(list(key), [*map(float, itertools.accumulate(h.counts)), h.total])
+        for key, h in series.items()
+    ]
+    return Family(name, "histogram", doc, labels, rows, series.bounds)

@@ -5,7 +5,7 @@ The supervisor of `server.workers: N` starts each worker with $INFERENCE_PROXY_W
 index), $INFERENCE_PROXY_WORKERS (N) and $INFERENCE_PROXY_RUN_DIR (a directory only the
 gateway's user can enter). Worker i listens on `{run dir}/worker-{i}.sock` (mode 0600): a peer
 connects, reads the snapshot to the end of the stream, and that is the whole protocol. Without
-those variables none of this exists and `/metrics` renders the one registry, as it always did.
+those variables none of this exists and `/metrics` renders the process's own tallies, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import msgspec
 from aiohttp import web
 
 from proxy import metrics_merge
+from proxy.exposition import render
 from proxy.metrics import Metrics
 
 logger = logging.getLogger("proxy.workermetrics")
@@ -33,7 +34,7 @@ RUN_DIR_ENV = "INFERENCE_PROXY_RUN_DIR"
 
 # The whole scrape waits this long for its peers; a worker being restarted must not hang it.
 PEER_BUDGET_S = 2.0
-# A snapshot larger than this is not a snapshot (100 models make about 1 MB).
+# A snapshot larger than this is not a snapshot (100 models with traffic make 140 KB).
 MAX_SNAPSHOT_BYTES = 64 * 2**20
 
 CleanupCtx = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
@@ -84,7 +85,7 @@ class WorkerMetrics:
         peers = self.worker.peers
         fetches = asyncio.gather(*(self._fetch(i, deadline) for i in peers))
         await asyncio.sleep(0)  # the connections go out before our own tallies are collected
-        snapshots = [(str(self.worker.index), metrics_merge.families_of(self.metrics.registry))]
+        snapshots = [(str(self.worker.index), self.metrics.families())]
         for index, data in zip(peers, await fetches, strict=True):
             if data is None:
                 continue
@@ -95,7 +96,7 @@ class WorkerMetrics:
         merged = metrics_merge.merge(snapshots, self.worker.count)
         for note in merged.left_out:
             logger.warning("metrics scrape left out %s", note)
-        return metrics_merge.render(merged.families)
+        return render(merged.families)
 
     async def _fetch(self, index: int, deadline: float) -> bytes | None:
         path = self.worker.socket_path(index)
@@ -127,8 +128,7 @@ class WorkerMetrics:
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                families = metrics_merge.families_of(self.metrics.registry)
-                writer.write(metrics_merge.encode(families))
+                writer.write(metrics_merge.encode(self.metrics.families()))
                 await writer.drain()
             except ConnectionError:
                 pass  # the scraping peer gave up first

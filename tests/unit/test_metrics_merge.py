@@ -6,16 +6,9 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.exposition import Family, Series, render
 from proxy.metrics import Metrics
-from proxy.metrics_merge import (
-    Family,
-    Sample,
-    decode,
-    encode,
-    families_of,
-    merge,
-    render,
-)
+from proxy.metrics_merge import decode, encode, merge
 from proxy.workermetrics import Worker, worker_from_env
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -45,7 +38,7 @@ def two_workers() -> Samples:
     w0 = worker_metrics(7, [0.02] * 7, in_flight=3, up=True)
     w1 = worker_metrics(5, [0.3] * 4 + [5000.0], in_flight=4, up=False)
     w1.tokens["m", "prompt"] += 11  # a label set only worker 1 has
-    merged = merge([("0", families_of(w0.registry)), ("1", families_of(w1.registry))], 2)
+    merged = merge([("0", w0.families()), ("1", w1.families())], 2)
     assert [] == merged.left_out
     return parsed(merged.families)
 
@@ -101,7 +94,7 @@ def test_backend_up_and_process_metrics_are_per_worker() -> None:
 
 def test_answered_count_shows_a_missing_worker() -> None:
     """With one of three workers answering, the scrape says 1 of 3."""
-    merged = merge([("2", families_of(Metrics(["gpu"]).registry))], 3)
+    merged = merge([("2", Metrics(["gpu"]).families())], 3)
     got = parsed(merged.families)
     assert 3 == got["proxy_workers", ()]
     assert 1 == got["proxy_workers_answered", ()]
@@ -118,7 +111,7 @@ def test_one_worker_merged_renders_what_it_renders_alone() -> None:
         for s in family.samples
         if not s.name.startswith("process_")  # CPU seconds move between the two reads
     }
-    merged = parsed(merge([("0", families_of(m.registry))], 1).families)
+    merged = parsed(merge([("0", m.families())], 1).families)
     relabelled = {
         (name, tuple(sorted({**dict(labels), "worker": "0"}.items())))
         if name == "proxy_backend_up"
@@ -137,7 +130,7 @@ def test_histograms_with_other_bounds_stay_cumulative() -> None:
         short.duration["/v1/chat/completions", "m"].observe(value)
     for value in (0.02, 80.0, 1000.0):
         long.duration["/v1/chat/completions", "m"].observe(value)
-    merged = merge([("0", families_of(short.registry)), ("1", families_of(long.registry))], 2)
+    merged = merge([("0", short.families()), ("1", long.families())], 2)
     got = parsed(merged.families)
     buckets = {
         dict(labels)["le"]: value
@@ -152,39 +145,54 @@ def test_histograms_with_other_bounds_stay_cumulative() -> None:
     assert ordered == sorted(ordered)
 
 
-def family(name: str, kind: str, *samples: Sample) -> Family:
-    return Family(name, kind, "help", list(samples))  # type: ignore[arg-type]
+def counter(value: float, *, labels: tuple[str, ...] = (), kind: str = "counter") -> Family:
+    series = [Series([f"v{i}" for i in range(len(labels))], [value])]
+    return Family("proxy_requests", kind, "help", labels, series)  # type: ignore[arg-type]
+
+
+def histogram(bounds: tuple[float, ...], values: list[float]) -> Family:
+    return Family("proxy_h", "histogram", "help", (), [Series([], values)], bounds)
 
 
 def test_peer_families_that_do_not_fit_are_left_out_with_a_reason() -> None:
-    """A peer's unknown family, a family of another type, or a sample with a foreign name is
-    left out (and said why); the rest of its snapshot still counts."""
-    own = [family("proxy_requests", "counter", Sample("proxy_requests_total", {}, 1))]
-    peer = [
-        family("proxy_requests", "counter", Sample("proxy_requests_total", {}, 2)),
-        family("proxy_surprise", "gauge", Sample("proxy_surprise", {}, 1)),
+    """A peer's unknown family, one of another type or other labels, or series of another
+    shape are left out (and said why); the rest of its snapshot still counts."""
+    own = [counter(1), histogram((1.0,), [0, 1, 1.5])]
+    peers = [
+        [counter(2), Family("proxy_surprise", "gauge", "h", (), [Series([], [1])])],
+        [counter(5, kind="gauge")],
+        [counter(9, labels=("model",))],
+        [Family("proxy_requests", "counter", "help", (), [Series([], [1, 2])])],
+        [Family("proxy_requests", "counter", "help", (), [Series(["x"], [1])])],
+        [histogram((2.0, 1.0), [0, 0, 0, 0])],
+        [histogram((float("inf"),), [0, 0, 0])],
+        [histogram((1.0,), [1, 1])],
+        [Family("proxy_requests", "counter", "help", (), [Series([], [1])], (1.0,))],
     ]
-    mismatched = [family("proxy_requests", "gauge", Sample("proxy_requests", {}, 5))]
-    foreign = [family("proxy_requests", "counter", Sample("proxy_requests_total_x", {}, 9))]
-    merged = merge([("0", own), ("1", peer), ("2", mismatched), ("3", foreign)], 4)
-    assert 3 == parsed(merged.families)["proxy_requests_total", ()]
+    snapshots = [("0", own), *((str(i), p) for i, p in enumerate(peers, 1))]
+    merged = merge(snapshots, 1 + len(peers))
+    got = parsed(merged.families)
+    assert 3 == got["proxy_requests_total", ()]
+    assert 1 == got["proxy_h_count", ()]
     assert [
         "worker 1: proxy_surprise: not a family of this worker",
         "worker 2: proxy_requests: gauge, not counter",
-        "worker 3: proxy_requests: a sample of another name",
+        "worker 3: proxy_requests: labels ['model'], not []",
+        "worker 4: proxy_requests: a series of another shape",
+        "worker 5: proxy_requests: a series of another shape",
+        "worker 6: proxy_h: bounds not finite and increasing",
+        "worker 7: proxy_h: bounds not finite and increasing",
+        "worker 8: proxy_h: a series of another shape",
+        "worker 9: proxy_requests: bounds on a family that is not a histogram",
     ] == merged.left_out
 
 
-def test_a_peers_own_worker_label_cannot_make_duplicate_series() -> None:
-    """Per-worker families take the worker label from who was asked, not from the snapshot."""
-    own = [family("proxy_backend_up", "gauge", Sample("proxy_backend_up", {"backend": "g"}, 1))]
+def test_per_worker_series_are_one_per_worker() -> None:
+    """Per-worker families take the worker label from who was asked; a peer that sends a
+    label set twice still makes one series."""
+    own = [Family("proxy_backend_up", "gauge", "h", ("backend",), [Series(["g"], [1])])]
     peer = [
-        family(
-            "proxy_backend_up",
-            "gauge",
-            Sample("proxy_backend_up", {"backend": "g", "worker": "0"}, 0),
-            Sample("proxy_backend_up", {"backend": "g", "worker": "7"}, 0),
-        )
+        Family("proxy_backend_up", "gauge", "h", ("backend",), [Series(["g"], [0])] * 2),
     ]
     text = render(merge([("0", own), ("1", peer)], 2).families).decode()
     assert 'proxy_backend_up{backend="g",worker="0"} 1.0' in text
@@ -194,8 +202,12 @@ def test_a_peers_own_worker_label_cannot_make_duplicate_series() -> None:
 
 def test_snapshot_round_trips() -> None:
     """What a worker encodes, its peer decodes to the same families."""
-    families = families_of(worker_metrics(3, [0.1], 0, True).registry)
+    families = worker_metrics(3, [0.1], 0, True).families()
     assert families == decode(encode(families))
+
+
+def snapshot(*families: list[object]) -> bytes:
+    return msgspec.msgpack.encode([1, list(families)])
 
 
 @pytest.mark.parametrize(
@@ -205,16 +217,16 @@ def test_snapshot_round_trips() -> None:
         b"\xff\x00garbage",
         b'{"json": "is not msgpack"}',
         msgspec.msgpack.encode([2, []]),  # another version
-        msgspec.msgpack.encode(
-            [1, [["proxy_x", "gauge", "h", [["proxy_x", {"bad-label": ""}, 1]]]]]
-        ),
-        msgspec.msgpack.encode([1, [["proxy x", "gauge", "h", []]]]),
-        msgspec.msgpack.encode([1, [["proxy_x", "info", "h", []]]]),
-        msgspec.msgpack.encode([1, [["proxy_x", "gauge", "h", [["proxy_x", {}, "1"]]]]]),
+        snapshot(["proxy_x", "gauge", "h", ["bad-label"], [], []]),
+        snapshot(["proxy x", "gauge", "h", [], [], []]),
+        snapshot(["proxy_x", "summary", "h", [], [], []]),
+        snapshot(["proxy_x", "gauge", "h", [], [[[], ["1"]]], []]),
+        snapshot(["proxy_x", "gauge", "h", [], [[[1], [1]]], []]),
+        snapshot(["proxy_x", "gauge", "h", [], [], [], "extra"]),
     ],
 )
 def test_garbage_is_not_a_snapshot(data: bytes) -> None:
-    """Bytes that are not a version-1 snapshot with valid names are refused whole."""
+    """Bytes that are not a version-1 snapshot with valid names and types are refused whole."""
     with pytest.raises(msgspec.DecodeError):
         decode(data)
 
