@@ -112,7 +112,7 @@ lowest:
 ## The gateway as a systemd service, as root: README "Running it as a service" lists each step.
 # DESTDIR=DIR installs into a scratch tree instead (no user, no ownership, no systemctl).
 install-service: install
-	DESTDIR="$(DESTDIR)" PYTHON="$(PYTHON)" BUILD_PYTHON="$(BIN)/python" bash systemd/install.sh install
+	DESTDIR="$(DESTDIR)" PYTHON="$(PYTHON)" BUILD_PYTHON="$(CURDIR)/$(BIN)/python" bash systemd/install.sh install
 
 ## Stop and remove the service and /opt/inference-proxy; keeps /etc/inference-proxy and the user.
 uninstall-service:
