@@ -112,3 +112,20 @@ def test_make_run_on_a_taken_port_prints_no_banner() -> None:
     assert "inference-proxy is running" not in result.stdout
     assert f"cannot listen on 127.0.0.1:{port}: the address is already in use" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_readme_workers_example_passes_check(tmp_path: Path) -> None:
+    """The Workers section's YAML, with a backend added, is a valid config."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Workers: every core on one port", 1)[1]
+    example = blocks(section, "yaml")[0]
+    config = tmp_path / "proxy.yaml"
+    config.write_text(example + "backends:\n  gpu: {url: 'http://127.0.0.1:9'}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(config), "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (0, "config ok\n") == (result.returncode, result.stdout)
