@@ -15,8 +15,11 @@ else is left (a health check may lag the truth in both directions).
   go to the same replica: rendezvous hashing over the targets that are up, so two gateways
   in front of the same replicas agree without talking to each other, and a replica that goes
   away moves only its own keys. The load is bounded as in consistent hashing with bounded
-  loads (Mirrokni et al.): a replica is passed over while its load is above `load_factor`
-  times the mean (`rebalanced`). No index of keys is kept, so nothing grows with traffic.
+  loads (Mirrokni et al.): a replica is passed over while its load (in flight here, plus what
+  it reports queued) is above `load_factor` times the mean and above a floor (`rebalanced`),
+  or while it reports a full KV cache. No index of keys is kept, so nothing grows with
+  traffic; the flip side is that keys spread over the replicas as a hash spreads them (with
+  few keys, unevenly), not by what each replica holds.
 """
 
 from __future__ import annotations
@@ -77,17 +80,21 @@ def order(
 
 
 def _by_weight(targets: list[Target], rng: random.Random) -> list[Target]:
-    """A weighted random order: each place drawn by weight among those left."""
-    left, out = list(targets), []
-    while left:
-        pick = rng.choices(left, weights=[t.weight for t in left])[0]
-        left.remove(pick)
-        out.append(pick)
-    return out
+    """A weighted random order, as if each place were drawn by weight among those left.
+
+    One draw per target (Efraimidis and Spirakis' weighted sampling without replacement):
+    target i gets the key log(u_i) / w_i for u_i uniform in (0, 1], and the order is by key,
+    highest first; the logarithm keeps tiny weights from underflowing to ties.
+    """
+    return sorted(targets, key=lambda t: math.log(1.0 - rng.random()) / t.weight, reverse=True)
 
 
-# Requests in flight a replica may always hold for its `affinity` keys, whatever the mean:
-# the load bound is for hot spots, not for a fleet with almost nothing to do.
+# Requests in flight a replica may always hold for its `affinity` keys, whatever the mean
+# (or up to its `max_in_flight`, when that is lower): the load bound is for hot spots, not
+# for a fleet with almost nothing to do. Kept rather than scaled down to a backend's batch
+# size: a key passed over pays its whole prefill again on the next replica, and there takes
+# cache room a second time, which costs more than a short wait in the home replica's batch
+# (bench/README.md, "Fleet figures", has the measurements behind this).
 AFFINITY_FLOOR = 8
 
 # A backend whose KV cache is this full would preempt or queue a new request: tried last.
@@ -116,26 +123,36 @@ def _affinity(
     targets: list[Target], loads: Mapping[str, Load], key: bytes, load_factor: float
 ) -> tuple[list[Target], str]:
     """Rendezvous order for `key`; replicas over the load bound move behind the others."""
-    ranked = sorted(targets, key=lambda t: _score(key, t), reverse=True)
-    total = sum(loads[t.backend].in_flight for t in targets)
+    keyed = hashlib.blake2b(key, digest_size=8)  # the key hashed once, each target added on
+    ranked = sorted(targets, key=lambda t: _score(keyed, t), reverse=True)
+    total = sum(loads[t.backend].in_flight + loads[t.backend].queued for t in targets)
     weight = sum(t.weight for t in targets)
 
     def over(t: Target) -> bool:
         # its share of the load with this request counted, times the factor, rounded up;
-        # never below AFFINITY_FLOOR, so a nearly idle fleet keeps every key at home
+        # never below the floor, so a nearly idle fleet keeps every key at home
+        load = loads[t.backend]
+        if load.kv >= KV_FULL:  # it would queue or preempt the request: the next one takes it
+            return True
+        floor = AFFINITY_FLOOR if load.limit is None else min(AFFINITY_FLOOR, load.limit)
         share = math.ceil(load_factor * (total + 1) * t.weight / weight)
-        return loads[t.backend].in_flight + 1 > max(share, AFFINITY_FLOOR)
+        return load.in_flight + load.queued + 1 > max(share, floor)
 
-    within = [t for t in ranked if not over(t)]
-    if not within or within[0] is ranked[0]:
-        return ranked if not within else within + [t for t in ranked if over(t)], "affinity"
-    return within + [t for t in ranked if over(t)], "rebalanced"
+    if not over(ranked[0]):  # the common case: the key's home takes it
+        return ranked, "affinity"
+    passed = [over(t) for t in ranked]
+    if all(passed):  # every replica over its bound: the key stays at home
+        return ranked, "affinity"
+    within = [t for t, o in zip(ranked, passed, strict=True) if not o]
+    return within + [t for t, o in zip(ranked, passed, strict=True) if o], "rebalanced"
 
 
-def _score(key: bytes, target: Target) -> float:
-    """The target's rendezvous score for `key`, weighted (highest random weight hashing)."""
-    digest = hashlib.blake2b(key + b"\0" + target.backend.encode(), digest_size=8).digest()
-    unit = (int.from_bytes(digest, "big") + 1) / (2**64 + 1)  # in (0, 1)
+def _score(keyed: hashlib.blake2b, target: Target) -> float:
+    """The target's rendezvous score for the key `keyed` has hashed, weighted (highest random
+    weight hashing): blake2b over the key, a zero byte and the backend's name."""
+    mixed = keyed.copy()
+    mixed.update(b"\0" + target.backend.encode())
+    unit = (int.from_bytes(mixed.digest(), "big") + 1) / (2**64 + 1)  # in (0, 1)
     return -target.weight / math.log(unit)
 
 

@@ -76,7 +76,8 @@ async def serve_model(
         chat = orjson.dumps(request_body)
         return await exchange_translated(call, backend, translation, chat, may_retry)
 
-    return await try_plan(call, route, run, affinity_of(call, route))
+    key_path = native_path if native_api != NEVER else ""  # a Gemini body is not chat's
+    return await try_plan(call, route, run, affinity_of(call, route, key_path))
 
 
 def _only(route: Plan, able: Callable[[str], bool], path: str, state: GatewayState) -> Plan:
@@ -96,13 +97,16 @@ def _only(route: Plan, able: Callable[[str], bool], path: str, state: GatewaySta
     return msgspec.structs.replace(route, steps=steps)
 
 
-def affinity_of(call: Call, route: Plan) -> bytes:
-    """The request's key for the `affinity` policy (b"" when no model of the chain uses it)."""
+def affinity_of(call: Call, route: Plan, path: str = "") -> bytes:
+    """The request's key for the `affinity` policy (b"" when no model of the chain uses it);
+    `path` is the OpenAI-style route the body is shaped for ("": any shape)."""
     if not any(step.policy == "affinity" for step in route.steps):
         return b""
+    session = call.request.headers.get(SESSION_HEADER)
     size = call.state.config.routing.prefix_bytes
-    prompt = prompt_prefix(call.body, size) if call.body else b""
-    return affinity_key(call.request.headers.get(SESSION_HEADER), prompt, size)
+    if session or not call.body:  # a session id keys it whatever the prompt
+        return affinity_key(session, b"", size)
+    return affinity_key(None, prompt_prefix(call.body, size, PROMPT_FIELDS.get(path)), size)
 
 
 # The OpenAI routes every surface maps onto, and the helper routes beside them.
@@ -113,6 +117,14 @@ CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES = (
     "/v1/responses",
 )
 OPENAI_POST_ROUTES = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
+# Where each route's body holds the prompt that keys `affinity`, its own system prompt first.
+PROMPT_FIELDS = {
+    CHAT: ("messages",),
+    COMPLETIONS: ("prompt",),
+    EMBEDDINGS: ("input",),
+    RESPONSES: ("input",),
+    "/v1/messages": ("system", "messages"),
+}
 # vLLM's and SGLang's helper routes (vLLM's benchmark client calls /tokenize first); not
 # every kind has them, so each is an optional API (`serves`).
 HELPER_ROUTES: dict[str, OptionalApi] = {"/tokenize": "tokenize", "/detokenize": "detokenize"}

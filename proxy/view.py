@@ -204,28 +204,84 @@ def _lower(exc: Exception) -> str:
 
 
 class _Prompt(msgspec.Struct, frozen=True):
-    """The fields that hold a request's prompt, in each protocol, as zero-copy bytes."""
+    """The fields that hold a request's prompt, in each protocol, as zero-copy bytes; in the
+    order a key prefers them (a system prompt of its own first)."""
 
+    system: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # Anthropic's system prompt
     messages: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # OpenAI chat, Anthropic
     prompt: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # completions
     input: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # embeddings, Responses
     contents: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # Gemini
-    system: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # Anthropic's system prompt
+
+
+class _Members(msgspec.Struct, frozen=True):
+    """Any JSON object, every member skipped."""
 
 
 _PROMPT = msgspec.json.Decoder(_Prompt)
+_MEMBERS = msgspec.json.Decoder(_Members)
+_AFTER_KEY = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
+_LOOKS = 8  # places a field's name is looked at before the body is decoded instead
+_NEAR = 64 * 1024  # a top-level key further into the body is found by decoding it
+_UNSURE = -1
 
 
-def prompt_prefix(body: bytes, size: int) -> bytes:
-    """The first `size` bytes of the body's prompt (system prompt first), as sent; b"" when
-    the body has none or is not JSON (routing then has no prefix to keep together)."""
+def prompt_prefix(body: bytes, size: int, fields: tuple[str, ...] | None = None) -> bytes:
+    """The first `size` bytes of the body from its prompt's value on: what `affinity` keys a
+    request by (b"" when the body has no prompt or is not JSON).
+
+    The prompt is the first of `fields` the body has at its top level (None: each
+    protocol's, in `_Prompt`'s order). Named fields are looked for as bytes, which costs
+    what precedes the prompt in the body (a few bytes in what clients send) and never a
+    second pass over it: a place is taken once msgspec reads the bytes before it as the
+    opening of a JSON object, so it is a top-level key, not text in a value or a nested key.
+    When that is not conclusive (the name at `_LOOKS` places that are not the key, or the key
+    past `_NEAR` bytes) or no field is named, msgspec decodes the body once, skipping every
+    value but the prompt's. A name spelled with escapes is seen by the decode only.
+    """
+    for name in fields or ():
+        at = _top_level_value(body, name)
+        if at == _UNSURE:
+            return _decoded_prefix(body, size)
+        if at is not None:
+            return body[at : at + size]
+    return b"" if fields else _decoded_prefix(body, size)
+
+
+def _top_level_value(body: bytes, name: str) -> int | None:
+    """Where the value of the top-level key `name` starts in the body: None when the name is
+    not in the body, `_UNSURE` when the places looked at do not tell."""
+    quoted = b'"' + name.encode() + b'"'
+    start = 0
+    for _ in range(_LOOKS):
+        at = body.find(quoted, start)
+        if at < 0:
+            return None
+        start = at + len(quoted)
+        colon = _AFTER_KEY.match(body, start)
+        if colon is None or body[at - 1 : at] == b"\\":  # a string value, or text in one
+            continue
+        if at > _NEAR:
+            return _UNSURE
+        try:
+            _MEMBERS.decode(body[:at] + b'"":0}')
+        except (msgspec.DecodeError, RecursionError):
+            continue  # a key of a nested object
+        return colon.end()
+    return _UNSURE
+
+
+def _decoded_prefix(body: bytes, size: int) -> bytes:
+    """`prompt_prefix` by decoding the body (msgspec skips every value but the prompt's)."""
     try:
         fields = _PROMPT.decode(body)
     except (msgspec.DecodeError, RecursionError):
         return b""
-    parts = (fields.system, fields.messages, fields.prompt, fields.input, fields.contents)
-    sent = [bytes(memoryview(part)[:size]) for part in parts if part is not msgspec.UNSET]
-    return b"".join(sent)[:size]
+    for part in (fields.system, fields.messages, fields.prompt, fields.input, fields.contents):
+        if part is not msgspec.UNSET:
+            at = _address(part) - _address(body)
+            return body[at : at + size]
+    return b""
 
 
 class _ModelValue(msgspec.Struct, frozen=True):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 from collections import Counter
 
@@ -107,3 +109,81 @@ def test_affinity_key() -> None:
     assert b"prefix:prom" == affinity_key(None, b"prompt", 4)
     assert b"" == affinity_key(None, b"", 4)
     assert 8 + 256 == len(affinity_key("x" * 1000, b"", 4))
+
+
+def test_a_weighted_order_is_drawn_place_by_place() -> None:
+    """Every place of a `weighted` order is drawn by weight among the targets left: with
+    weights 2:1:1, `a` leads half the time, and after `b` leads, `a` is second 2 times in 3."""
+    heavy = Target("a", None, 2.0)
+    rng = random.Random(7)
+    orders = [
+        tuple(t.backend for t in order("weighted", [heavy, B, C], loads(a=0, b=0, c=0), rng)[0])
+        for _ in range(6000)
+    ]
+    firsts = Counter(o[0] for o in orders)
+    assert abs(firsts["a"] - 3000) < 150  # the standard deviation is about 39
+    after_b = Counter(o[1] for o in orders if o[0] == "b")
+    assert abs(after_b["a"] / sum(after_b.values()) - 2 / 3) < 0.05
+
+
+def _rendezvous_home(key: bytes, targets: list[Target]) -> Target:
+    """The highest random weight for `key`, written out: blake2b over the key, a zero byte
+    and the backend's name, as every gateway version since the first one computes it."""
+
+    def score(t: Target) -> float:
+        digest = hashlib.blake2b(key + b"\0" + t.backend.encode(), digest_size=8).digest()
+        return -t.weight / math.log((int.from_bytes(digest, "big") + 1) / (2**64 + 1))
+
+    return max(targets, key=score)
+
+
+def test_affinity_homes_do_not_move_between_gateway_versions() -> None:
+    """A key's replica is the rendezvous hash of the key and the backend's name, however the
+    gateway computes it, so gateways of two versions side by side agree and an upgrade moves
+    no key (and no cached prefix)."""
+    heavy = Target("a", None, 2.0)
+    for i in range(300):
+        key = affinity_key(None, f"system prompt {i} ".encode() * 200, 2048)
+        ranked, _ = order("affinity", [heavy, B, C], loads(a=0, b=0, c=0), random.Random(0), key)
+        assert _rendezvous_home(key, [heavy, B, C]) == ranked[0]
+
+
+def test_affinity_counts_what_a_replica_says_it_queues() -> None:
+    """A replica that this gateway sends nothing to but that reports a long queue (another
+    gateway's traffic, from its /metrics) is over the bound: its keys go to the next one."""
+    key = b"prefix:shared system prompt"
+    home = order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), key)[0][0]
+    snapshot = loads(a=0, b=0, c=0) | {home.backend: Load(0, None, True, queued=40.0)}
+    ranked, reason = order("affinity", [A, B, C], snapshot, random.Random(0), key)
+    assert ("rebalanced", home) == (reason, ranked[-1])
+
+
+def test_affinity_passes_over_a_full_kv_cache() -> None:
+    """A home replica that reports its KV cache full would queue or preempt the request: the
+    key's next replica takes it, however idle the home looks."""
+    key = b"session:alice"
+    home = order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), key)[0][0]
+    snapshot = loads(a=0, b=0, c=0) | {home.backend: Load(0, None, True, kv=0.99)}
+    ranked, reason = order("affinity", [A, B, C], snapshot, random.Random(0), key)
+    assert ("rebalanced", home) == (reason, ranked[-1])
+
+
+def test_affinity_s_floor_is_capped_by_max_in_flight() -> None:
+    """A replica always keeps 8 requests for its keys, or its max_in_flight when that is
+    fewer: with max_in_flight 2 and 2 in flight the key goes on (and says so)."""
+    key = b"session:bob"
+    home = order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), key)[0][0]
+    roomy = loads(a=0, b=0, c=0) | {home.backend: Load(1, 2, True)}
+    assert "affinity" == order("affinity", [A, B, C], roomy, random.Random(0), key)[1]
+    full = loads(a=0, b=0, c=0) | {home.backend: Load(2, 2, True)}
+    ranked, reason = order("affinity", [A, B, C], full, random.Random(0), key)
+    assert ("rebalanced", home) == (reason, ranked[-1])
+
+
+def test_affinity_keeps_the_key_home_when_every_replica_is_over() -> None:
+    """When every replica is past its bound, the key's own replica still leads."""
+    key = b"session:carol"
+    home = order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), key)[0][0]
+    busy = {t.backend: Load(0, None, True, kv=1.0) for t in (A, B, C)}
+    ranked, reason = order("affinity", [A, B, C], busy, random.Random(0), key)
+    assert ("affinity", home) == (reason, ranked[0])

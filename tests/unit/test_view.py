@@ -8,7 +8,14 @@ import msgspec
 import pytest
 
 from proxy.errors import InvalidRequest
-from proxy.view import RequestView, decode_object, model_span, peek, replace_model
+from proxy.view import (
+    RequestView,
+    decode_object,
+    model_span,
+    peek,
+    prompt_prefix,
+    replace_model,
+)
 
 # --- peek: valid bodies ------------------------------------------------------------------
 
@@ -236,3 +243,71 @@ def test_model_span_skips_model_as_a_top_level_value() -> None:
     body = b'{"name": "model", "model": "m", "tag": "model"}'
     start, end = model_span(body) or (0, 0)
     assert (body.index(b'"m"'), body.index(b'"m"') + 3) == (start, end)
+
+
+# --- prompt_prefix -----------------------------------------------------------------------
+
+CHAT_FIELDS = ("messages",)
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"model": "m", "messages": [{"role": "user"}], "n": 1}', b'[{"role": "user"}], '),
+        (b'{"messages"  :\n [1, 2], "model": "m"}', b'[1, 2], "model": "m"'),
+        (b'{"name": "messages", "messages": [3]}', b"[3]}"),  # the word as a value first
+        (b'{"tools": [{"messages": {}}], "messages": [4]}', b"[4]}"),  # a nested key first
+        (b'{"a": "x\\"messages\\": [0]", "messages": [5]}', b"[5]}"),  # quoted text first
+        (b'{"model": "m"}', b""),
+        (b'["messages", 1]', b""),  # not an object
+        (b'not json "messages": [1]', b""),
+    ],
+)
+def test_prompt_prefix_finds_the_top_level_key(body: bytes, expected: bytes) -> None:
+    """The prompt is the value of the top-level key, whatever looks like it before; the key's
+    first bytes run on past a value shorter than them."""
+    assert expected == prompt_prefix(body, 20, CHAT_FIELDS)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "messages": [{"role": "system", "content": "' + b"s" * 3000 + b'"}]}',
+        b'{"messages": [{"role": "user", "content": "hi"}], "model": "m"}',
+        b'{"system": "be brief", "messages": [], "model": "m"}',
+        b'{"max_tokens": 5, "messages": [1], "system": [{"type": "text", "text": "x"}]}',
+        b'{"model": "m", "prompt": "once upon a time"}',
+        b'{"input": ["a", "b"], "model": "m"}',
+        b'{"contents": [{"parts": [{"text": "hi"}]}]}',
+        b'{"tools": [' + b'{"messages": 1}, ' * 20 + b'{}], "messages": [2]}',  # many looks
+        b'{"pad": "' + b"p" * 70_000 + b'", "messages": [3]}',  # the key far into the body
+        b"{}",
+        b"",
+    ],
+)
+def test_prompt_prefix_by_field_name_is_what_a_decode_finds(body: bytes) -> None:
+    """Looking a route's field up by name gives the bytes a decode of the body gives (the
+    decode is the way when the name alone does not tell)."""
+    fields = ("system", "messages", "prompt", "input", "contents")
+    assert prompt_prefix(body, 64) == prompt_prefix(body, 64, fields)
+
+
+def test_prompt_prefix_by_name_does_not_see_an_escaped_name() -> None:
+    """A key spelled with escapes is found by the decode only; by name the request has no
+    prompt to key it (and `affinity` places it by load)."""
+    body = b'{"m\\u0065ssages": [4]}'
+    assert (b"[4]}", b"") == (prompt_prefix(body, 20), prompt_prefix(body, 20, CHAT_FIELDS))
+
+
+def test_prompt_prefix_prefers_a_system_prompt_of_its_own() -> None:
+    """Anthropic's `system` keys the request before its messages, wherever it is."""
+    body = b'{"messages": [{"role": "user", "content": "q1"}], "system": "You are X."}'
+    assert b'"You are X."}' == prompt_prefix(body, 20, ("system", "messages"))
+    assert b'"You are X."}' == prompt_prefix(body, 20)
+
+
+def test_prompt_prefix_of_a_large_body_reads_only_its_start() -> None:
+    """A 32 MiB chat body's key is its first bytes from `messages` on, found without a pass
+    over the rest (the values after it are never read: a broken tail does not matter)."""
+    body = b'{"model": "m", "messages": [{"content": "' + b"x" * (32 << 20) + b"BROKEN"
+    assert b'[{"content": "xxxxxx' == prompt_prefix(body, 20, CHAT_FIELDS)
