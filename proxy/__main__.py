@@ -23,6 +23,7 @@ from proxy.notify import notify
 from proxy.reload import Reloader
 from proxy.state import LIVE, Live
 from proxy.supervisor import SUPERVISOR_ENV, WORKER_ENV, Supervisor, worker_count
+from proxy.tls import check_files
 
 logger = logging.getLogger("proxy")
 EXIT_CONFIG = 2
@@ -55,14 +56,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> Config:
-    """The config the arguments name, with --host/--port applied; raises ConfigError."""
+    """The config the arguments name, with --host/--port applied and every TLS file it names
+    loaded once; raises ConfigError."""
     if args.backend is not None:
         return backend_only_config(args.backend, args.host, args.port)
     try:
         text = args.config.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{args.config}: {exc.strerror}"]) from exc
-    return with_listen(load_config(text), args.host, args.port)
+    config = with_listen(load_config(text), args.host, args.port)
+    check_files(config)
+    return config
 
 
 def setup_logging(level: str, environ: Mapping[str, str]) -> None:
@@ -118,7 +122,10 @@ async def serve(config: Config, args: argparse.Namespace, environ: Mapping[str, 
     else:
         loop.add_signal_handler(signal.SIGHUP, _nothing_to_reload)
     for address in serving.addresses:
-        logger.info("inference-proxy listening on http://%s:%s", _host(address[0]), address[1])
+        scheme = "https" if config.server.tls else "http"
+        logger.info(
+            "inference-proxy listening on %s://%s:%s", scheme, _host(address[0]), address[1]
+        )
     models = ", ".join(config.models) if config.models else "as the backends list them"
     backends = ", ".join(f"{n}={b.url}" for n, b in config.backends.items())
     logger.info("backends: %s; models: %s", backends, models)

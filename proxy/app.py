@@ -123,6 +123,7 @@ async def serve_app(
         lingering_time=1.0,
     )
     live.state.clients = server
+    live.tls = tls
     try:
         listener = await listen(server, host, port, reuse_port=reuse_port, ssl=tls)
     except OSError:

@@ -26,6 +26,7 @@ from proxy.fleet import BackendHealth
 from proxy.health import check_all
 from proxy.notify import notify
 from proxy.state import GatewayState, Live
+from proxy.tls import server_context
 from proxy.upstream import Backend
 
 logger = logging.getLogger("proxy")
@@ -135,6 +136,19 @@ async def retire(backends: Iterable[Backend], limit_s: float) -> None:
             backend.close()
 
 
+def renew_certificate(live: Live, config: Config) -> bool:
+    """Load `server.tls`'s files again into the listening socket's context when the paths
+    are the ones in force (a renewed certificate; new paths wait for a restart), so new
+    handshakes use them; whether it did. Bad files raise ConfigError, the old ones stay."""
+    tls, now = config.server.tls, live.state.config.server.tls
+    if live.tls is None or tls is None or tls != now:
+        return False
+    server_context(tls)  # every file checked first, each error naming its key
+    live.tls.load_cert_chain(tls.cert_file, tls.key_file)
+    logger.info("reload: new TLS handshakes use %s as it is now", tls.cert_file)
+    return True
+
+
 async def apply(live: Live, config: Config, environ: Mapping[str, str]) -> Changes:
     """Put a checked config in force: new backends are probed once first (so a model they
     serve is served at once), then new requests get the new state; the old backends that
@@ -199,6 +213,7 @@ class Reloader:
         notify(self.environ, "RELOADING=1", f"MONOTONIC_USEC={usec}")
         try:
             config = self.load()
+            renew_certificate(self.live, config)
             diff = await apply(self.live, config, self.environ)
         except ConfigError as exc:
             for error in exc.errors:
@@ -209,6 +224,12 @@ class Reloader:
             )
             logger.error("%s", status)
             notify(self.environ, "READY=1", f"STATUS={status}")
+            return False
+        except Exception:  # a bug must not leave systemd waiting for READY=1
+            logger.exception(
+                "reload: %s could not be applied; the previous config serves", self.source
+            )
+            notify(self.environ, "READY=1", "STATUS=reload failed (see the log)")
             return False
         logger.info("reload: %s is in force (%s)", self.source, diff.summary())
         notify(self.environ, "READY=1", f"STATUS=reloaded {self.source}: {diff.summary()}")

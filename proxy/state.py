@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import time
 
 from aiohttp import web
@@ -59,12 +60,13 @@ class Live:
     """The state in force, which a reload replaces (a request keeps the one it began with),
     and whether the gateway is draining (stopping: `/ready` says so at once)."""
 
-    __slots__ = ("draining", "state", "tasks")
+    __slots__ = ("draining", "state", "tasks", "tls")
 
     def __init__(self, state: GatewayState) -> None:
         self.state = state
         self.draining = False
         self.tasks: set[asyncio.Task[None]] = set()  # backends a reload retires
+        self.tls: ssl.SSLContext | None = None  # the listening socket's, once it listens
 
 
 LIVE: web.AppKey[Live] = web.AppKey("live", Live)
