@@ -79,14 +79,23 @@ def _histogram_lines(family: Family, out: list[str]) -> None:
     les = [*(repr(float(b)) for b in family.bounds), "+Inf"]
     bucket, count, total = (family.name + s for s in ("_bucket", "_count", "_sum"))
     plain = order[:at] + order[at + 1 :]
+    counts = _Spelled()  # bucket counts repeat (0, 1, 2...): each is spelled once
     for series in family.series:
         before = "".join(f'{names[i]}="{_escape(series.labels[i])}",' for i in order[:at])
         after = "".join(f',{names[i]}="{_escape(series.labels[i])}"' for i in order[at + 1 :])
         for le, value in zip(les, series.values, strict=False):
-            out.append(f'{bucket}{{{before}le="{le}"{after}}} {_number(value)}\n')
+            out.append(f'{bucket}{{{before}le="{le}"{after}}} {counts[value]}\n')
         labels = _labels(family.labels, series.labels, plain)
         out.append(f"{count}{labels} {_number(series.values[-2])}\n")
         out.append(f"{total}{labels} {_number(series.values[-1])}\n")
+
+
+class _Spelled(dict[float, str]):
+    """Numbers as Go spells them, each worked out once (counts only: never -0.0 or NaN)."""
+
+    def __missing__(self, value: float) -> str:
+        spelled = self[value] = _number(value)
+        return spelled
 
 
 def from_prometheus(metrics: Iterable[Metric]) -> Iterator[Family]:

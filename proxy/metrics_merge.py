@@ -8,7 +8,10 @@ their snapshots (`proxy/workermetrics.py`) and merges them here with its own:
 - every other gauge (`proxy_backend_up`: each worker probes the backends on its own) and every
   `process_*` family get a `worker` label instead, because a sum of them means nothing;
 - `proxy_workers` and `proxy_workers_answered` say how many workers there are and how many
-  answered this scrape, so a missing worker shows instead of silently lowering the totals.
+  answered this scrape, so a missing worker shows;
+- counters and histograms never go down while the gateway runs: a worker that does not answer
+  is counted at its last counts, and one that restarted adds its predecessor's last counts
+  (`proxy/metrics_ledger.py` keeps them), so Prometheus never reads a restart as a reset.
 
 A snapshot is a worker's families (`proxy/exposition.py`) in msgpack; a peer's is decoded into
 those Structs, which check names and types, so garbage is refused whole; a peer's family that
@@ -18,7 +21,7 @@ does not fit the scraping worker's own is left out with a reason.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,9 +35,12 @@ WORKER_LABEL = "worker"
 
 
 class Snapshot(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
-    """What a worker answers on its metrics socket."""
+    """What a worker answers on its metrics socket: its families, and which process (by its
+    wall-clock start) counted them when (a monotonic clock, compared within one process)."""
 
     version: Literal[1]
+    started_ns: int
+    taken_ns: int
     families: list[Family]
 
 
@@ -42,13 +48,13 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Snapshot)
 
 
-def encode(families: list[Family]) -> bytes:
-    return _encoder.encode(Snapshot(1, families))
+def encode(snapshot: Snapshot) -> bytes:
+    return _encoder.encode(snapshot)
 
 
-def decode(data: bytes) -> list[Family]:
+def decode(data: bytes) -> Snapshot:
     """A peer's snapshot; raises msgspec.DecodeError (ValidationError too) when it is not one."""
-    return _decoder.decode(data).families
+    return _decoder.decode(data)
 
 
 @dataclass
@@ -68,34 +74,75 @@ def rule(family: Family) -> Literal["sum", "per_worker"]:
     return "per_worker"
 
 
-def merge(snapshots: Sequence[tuple[str, Sequence[Family]]], expected: int) -> Merged:
-    """Merge `(worker label, families)` pairs, the scraping worker's own first.
+def carried(family: Family) -> bool:
+    """Whether a family counts since its worker started (summed counters and histograms), so
+    a worker's last counts still belong in the totals once it has stopped answering."""
+    return family.type in ("counter", "histogram") and rule(family) == "sum"
 
-    The first snapshot decides which families exist, their types and label names: a peer's
+
+Part = tuple[str, Sequence[Family]]
+
+
+def merge(fresh: Sequence[Part], expected: int, counted: Sequence[Part] | None = None) -> Merged:
+    """Merge `(worker label, families)` pairs that answered this scrape, its own first.
+
+    `counted`, when given, is where the carried families (counters and histograms) come from
+    instead: every worker's latest counts and those of workers since restarted (the ledger).
+    The first snapshot decides which families exist, their types and label names: another's
     family that it lacks or that differs, or whose series do not have the family's shape, is
     left out, so no snapshot can make the exposition invalid. `expected`: how many workers.
     """
+    own = {f.name: f for f in fresh[0][1]} if fresh else {}
     left_out: list[str] = []
-    own = {f.name: f for f in snapshots[0][1]} if snapshots else {}
-    parts: dict[str, list[tuple[str, Family]]] = {name: [] for name in own}
-    for worker, families in snapshots:
-        for family in families:
-            reason = _misfit(family, own.get(family.name))
-            if reason:
-                left_out.append(f"worker {worker}: {family.name}: {reason}")
-            else:
-                parts[family.name].append((worker, family))
-    merged = [_merge_family(own[name], group) for name, group in parts.items() if group]
+    parts: dict[str, list[tuple[str, Family]]] = {}
+
+    def gather(snapshots: Sequence[Part], wanted: Callable[[Family], bool], note: bool) -> None:
+        for worker, families in snapshots:
+            for family in families:
+                reference = own.get(family.name)
+                if reference is None:
+                    if note:
+                        left_out.append(
+                            f"worker {worker}: {family.name}: not a family of this worker"
+                        )
+                    continue
+                if not wanted(reference):
+                    continue
+                reason = _misfit(family, reference)
+                if reason:
+                    left_out.append(f"worker {worker}: {family.name}: {reason}")
+                else:
+                    parts.setdefault(family.name, []).append((worker, family))
+
+    if counted is None:
+        gather(fresh, lambda _: True, note=True)
+    else:
+        gather(fresh, lambda f: not carried(f), note=True)
+        gather(counted, carried, note=False)
+    merged = [_merge_family(own[name], parts[name]) for name in own if name in parts]
     merged.append(_gauge("proxy_workers", "Serving processes the gateway runs.", expected))
     merged.append(
         _gauge(
             "proxy_workers_answered",
-            "Workers whose tallies are in this scrape (below proxy_workers when one did not "
-            "answer in time: the totals then miss its share).",
-            len(snapshots),
+            "Workers that answered this scrape; below proxy_workers, the counters and "
+            "histograms hold the missing one's last counts, and its gauges are absent.",
+            len(fresh),
         )
     )
     return Merged(merged, left_out)
+
+
+def sum_families(parts: Sequence[Sequence[Family]]) -> list[Family]:
+    """Carried families summed per label set; the first of each name decides its shape, and
+    any other that does not fit it is dropped."""
+    first: dict[str, Family] = {}
+    groups: dict[str, list[tuple[str, Family]]] = {}
+    for families in parts:
+        for family in families:
+            reference = first.setdefault(family.name, family)
+            if carried(family) and not _misfit(family, reference):
+                groups.setdefault(family.name, []).append(("", family))
+    return [_merge_family(first[name], group) for name, group in groups.items()]
 
 
 def _misfit(family: Family, own: Family | None) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import socket
@@ -22,9 +23,11 @@ from dataclasses import dataclass
 import msgspec
 from aiohttp import web
 
-from proxy import metrics_merge
+from proxy import metrics_ledger, metrics_merge
 from proxy.exposition import render
 from proxy.metrics import Metrics
+from proxy.metrics_ledger import Ledger
+from proxy.metrics_merge import Snapshot
 
 logger = logging.getLogger("proxy.workermetrics")
 
@@ -36,6 +39,11 @@ RUN_DIR_ENV = "INFERENCE_PROXY_RUN_DIR"
 PEER_BUDGET_S = 2.0
 # A snapshot larger than this is not a snapshot (100 models with traffic make 140 KB).
 MAX_SNAPSHOT_BYTES = 64 * 2**20
+
+# The ledger of every worker's last counts (proxy/metrics_ledger.py), in the run directory.
+LEDGER = "metrics-ledger"
+# How long a scrape waits for another's hold on the ledger, at least (it takes milliseconds).
+MIN_LEDGER_WAIT_S = 0.2
 
 CleanupCtx = Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]
 
@@ -78,22 +86,32 @@ class WorkerMetrics:
         self.worker = worker
         self.metrics = metrics  # the gateway's, for its life (a reload keeps them)
         self.budget_s = budget_s
+        self.started_ns = time.time_ns()  # tells this process from the worker it replaced
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(1, self.started_ns, time.monotonic_ns(), self.metrics.families())
 
     async def render(self) -> bytes:
-        """The text exposition of every worker's tallies that arrived within the budget."""
-        deadline = asyncio.get_running_loop().time() + self.budget_s
+        """The text exposition of every worker's tallies, merged with the ledger's counts."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.budget_s
         peers = self.worker.peers
         fetches = asyncio.gather(*(self._fetch(i, deadline) for i in peers))
         await asyncio.sleep(0)  # the connections go out before our own tallies are collected
-        snapshots = [(str(self.worker.index), self.metrics.families())]
+        answers = {str(self.worker.index): self.snapshot()}
         for index, data in zip(peers, await fetches, strict=True):
             if data is None:
                 continue
             try:
-                snapshots.append((str(index), metrics_merge.decode(data)))
+                answers[str(index)] = metrics_merge.decode(data)
             except msgspec.DecodeError as exc:
                 logger.warning("worker %d sent a metrics snapshot that is not one: %s", index, exc)
-        merged = metrics_merge.merge(snapshots, self.worker.count)
+        path = os.path.join(self.worker.run_dir, LEDGER)
+        wait_s = max(deadline - loop.time(), MIN_LEDGER_WAIT_S)
+        ledger = await asyncio.to_thread(_record, path, answers, wait_s)
+        fresh = [(worker, answer.families) for worker, answer in answers.items()]
+        counted = metrics_ledger.counted(ledger) if ledger else None
+        merged = metrics_merge.merge(fresh, self.worker.count, counted)
         for note in merged.left_out:
             logger.warning("metrics scrape left out %s", note)
         return render(merged.families)
@@ -128,7 +146,7 @@ class WorkerMetrics:
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
-                writer.write(metrics_merge.encode(self.metrics.families()))
+                writer.write(metrics_merge.encode(self.snapshot()))
                 await writer.drain()
             except ConnectionError:
                 pass  # the scraping peer gave up first
@@ -168,6 +186,47 @@ def _bind(path: str) -> tuple[socket.socket, int]:
         raise
     sock.setblocking(False)
     return sock, os.stat(path).st_ino
+
+
+def _record(path: str, answers: dict[str, Snapshot], wait_s: float) -> Ledger | None:
+    """Reconcile the ledger at `path` with this scrape's answers, under an exclusive lock on
+    `path.lock` (waited for up to `wait_s`); None when the lock or the file cannot be had, and
+    the scrape then goes by the answers alone. Runs in a thread: it may wait, and writes."""
+    deadline = time.monotonic() + wait_s
+    try:
+        lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        logger.warning("metrics ledger %s.lock: %s", path, exc)
+        return None
+    try:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    logger.warning("metrics ledger: still locked after %.1f s", wait_s)
+                    return None
+                time.sleep(0.005)
+        old: Ledger | None = None
+        try:
+            with open(path, "rb") as file:
+                old = metrics_ledger.decode(file.read())
+        except FileNotFoundError:
+            pass
+        except msgspec.DecodeError as exc:
+            logger.warning("metrics ledger %s is not one (%s): starting a new one", path, exc)
+        ledger = metrics_ledger.reconcile(old, answers)
+        temporary = f"{path}.{os.getpid()}"
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            out.write(metrics_ledger.encode(ledger))
+        os.replace(temporary, path)
+        return ledger
+    except OSError as exc:
+        logger.warning("metrics ledger %s: %s", path, exc)
+        return None
+    finally:
+        os.close(lock)  # and with it the lock
 
 
 def worker_metrics(

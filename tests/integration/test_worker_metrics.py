@@ -110,6 +110,30 @@ async def test_metrics_socket_is_private_and_removed(gateway_factory, upstream, 
     assert [] == os.listdir(run_dir)
 
 
+async def test_totals_hold_while_a_worker_restarts(gateway_factory, upstream, run_dir) -> None:
+    """Worker 1's 5 requests stay in the total while it is gone and once a new process has
+    taken its place, so Prometheus never sees the counter fall (and reads no reset)."""
+    config = one_backend(upstream.url, models=MODELS)
+    w0 = await gateway_factory(config, worker_env(0, 2, run_dir))
+    w1 = await gateway_factory(config, worker_env(1, 2, run_dir))
+    async with aiohttp.ClientSession() as s:
+        await chat(s, w0.url, 7)
+        await chat(s, w1.url, 5)
+        before, _ = await scrape(s, w0.url)
+        await w1.serving.close(0)
+        gone, _ = await scrape(s, w0.url)
+        again = await gateway_factory(config, worker_env(1, 2, run_dir))
+        await chat(s, again.url, 3)
+        after, _ = await scrape(s, again.url)
+    assert 12 == before["proxy_requests_total", REQUESTS]
+    assert (12, 1) == (gone["proxy_requests_total", REQUESTS], gone["proxy_workers_answered", ()])
+    assert 12 == gone["proxy_request_duration_seconds_count", ROUTE]
+    assert ("proxy_backend_up", (("backend", "gpu"), ("worker", "1"))) not in gone
+    assert 15 == after["proxy_requests_total", REQUESTS]
+    assert 2 == after["proxy_workers_answered", ()]
+    assert 0o600 == stat.S_IMODE(os.stat(os.path.join(run_dir, "metrics-ledger")).st_mode)
+
+
 def stale_socket(path: str) -> None:
     """A socket file nobody listens on, as a worker killed with SIGKILL leaves behind."""
     with socket.socket(socket.AF_UNIX) as sock:

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.exposition import Family, Series, render
 from proxy.metrics import Metrics
-from proxy.metrics_merge import decode, encode, merge
+from proxy.metrics_merge import Snapshot, decode, encode, merge
 from proxy.workermetrics import Worker, worker_from_env
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -202,12 +202,14 @@ def test_per_worker_series_are_one_per_worker() -> None:
 
 def test_snapshot_round_trips() -> None:
     """What a worker encodes, its peer decodes to the same families."""
-    families = worker_metrics(3, [0.1], 0, True).families()
-    assert families == decode(encode(families))
+    snapshot = Snapshot(
+        1, 1_700_000_000_000_000_000, 5, worker_metrics(3, [0.1], 0, True).families()
+    )
+    assert snapshot == decode(encode(snapshot))
 
 
 def snapshot(*families: list[object]) -> bytes:
-    return msgspec.msgpack.encode([1, list(families)])
+    return msgspec.msgpack.encode([1, 1, 1, list(families)])
 
 
 @pytest.mark.parametrize(
@@ -216,7 +218,8 @@ def snapshot(*families: list[object]) -> bytes:
         b"",
         b"\xff\x00garbage",
         b'{"json": "is not msgpack"}',
-        msgspec.msgpack.encode([2, []]),  # another version
+        msgspec.msgpack.encode([2, 1, 1, []]),  # another version
+        msgspec.msgpack.encode([1, []]),  # no start and time
         snapshot(["proxy_x", "gauge", "h", ["bad-label"], [], []]),
         snapshot(["proxy x", "gauge", "h", [], [], []]),
         snapshot(["proxy_x", "summary", "h", [], [], []]),
