@@ -13,6 +13,7 @@ import stat
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -20,12 +21,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.workermetrics import WORKER_METRICS
-from tests.conftest import one_backend
+from tests.conftest import one_backend, wait_for
 
 MODELS = "models:\n  m: {targets: [{backend: gpu}]}\n"
 ROUTE = (("model", "m"), ("route", "/v1/chat/completions"))
 REQUESTS = (("backend", "gpu"), *ROUTE, ("status", "200"))
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -240,3 +242,22 @@ async def test_one_process_renders_as_before(gateway, run_dir) -> None:
     assert ("proxy_workers", ()) not in got
     assert ("process_open_fds", ()) in got
     assert WORKER_METRICS not in gateway.serving.runner.app
+
+
+async def test_readme_example_is_what_two_workers_say(gateway_factory, upstream, run_dir) -> None:
+    """The README's example scrape: the same series after its traffic, the same values but
+    for the process's own figures."""
+    section = README.read_text().split("### Metrics across workers", 1)[1]
+    example = parse(section.split("```text\n", 1)[1].split("```", 1)[0])
+    config = one_backend(upstream.url, models=MODELS)
+    workers = [await gateway_factory(config, worker_env(i, 2, run_dir)) for i in range(2)]
+    for w in workers:
+        await wait_for(lambda w=w: all(w.state.healthy(asyncio.get_running_loop().time()).values()))
+    async with aiohttp.ClientSession() as s:
+        await chat(s, workers[0].url, 7)
+        await chat(s, workers[1].url, 5)
+        got, _ = await scrape(s, workers[1].url)
+    assert example.keys() <= got.keys()
+    for key, value in example.items():
+        if not key[0].startswith("process_"):
+            assert value == got[key], key
