@@ -22,8 +22,9 @@ from proxy.config import Config, ConfigError, backend_only_config, load_config, 
 from proxy.notify import notify
 from proxy.reload import Reloader
 from proxy.state import LIVE, Live
-from proxy.supervisor import SUPERVISOR_ENV, WORKER_ENV, Supervisor, worker_count
+from proxy.supervisor import SUPERVISOR_ENV, Supervisor, worker_count
 from proxy.tls import check_files
+from proxy.workermetrics import WORKER_ENV
 
 logger = logging.getLogger("proxy")
 EXIT_CONFIG = 2

@@ -37,12 +37,10 @@ import msgspec
 
 from proxy.config import Config, ConfigError
 from proxy.notify import notify
+from proxy.workermetrics import RUN_DIR_ENV, WORKER_ENV, WORKERS_ENV
 
 logger = logging.getLogger("proxy.supervisor")
 
-WORKER_ENV = "INFERENCE_PROXY_WORKER"  # the worker's index, 0-based
-WORKERS_ENV = "INFERENCE_PROXY_WORKERS"  # how many there are
-RUN_DIR_ENV = "INFERENCE_PROXY_RUN_DIR"  # a directory private to the gateway's processes
 SUPERVISOR_ENV = "INFERENCE_PROXY_SUPERVISOR"  # the supervisor's pid
 
 EXIT_CANNOT_SERVE = (1, 2)  # a worker's exit codes that no restart can mend (see __main__)

@@ -31,9 +31,10 @@ from proxy.metrics_merge import Snapshot
 
 logger = logging.getLogger("proxy.workermetrics")
 
-WORKER_ENV = "INFERENCE_PROXY_WORKER"
-WORKERS_ENV = "INFERENCE_PROXY_WORKERS"
-RUN_DIR_ENV = "INFERENCE_PROXY_RUN_DIR"
+# What the supervisor tells each worker (proxy/supervisor.py).
+WORKER_ENV = "INFERENCE_PROXY_WORKER"  # the worker's index, 0-based
+WORKERS_ENV = "INFERENCE_PROXY_WORKERS"  # how many there are
+RUN_DIR_ENV = "INFERENCE_PROXY_RUN_DIR"  # a directory private to the gateway's processes
 
 # The whole scrape waits this long for its peers; a worker being restarted must not hang it.
 PEER_BUDGET_S = 2.0

@@ -44,7 +44,8 @@ class Gateway:
     access_log: io.BytesIO
 
     def access_lines(self) -> list[bytes]:
-        """The access-log lines written so far."""
+        """The access-log lines written so far (what the gateway still holds is written first)."""
+        self.state.access_log.flush()
         return self.access_log.getvalue().splitlines()
 
 
