@@ -268,3 +268,58 @@ async def test_a_bad_file_on_sighup_keeps_the_old_config_serving(sim: str, tmp_p
     finally:
         gateway.kill()
         notify.close()
+
+
+def launch(config: Path, out: Path, err: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The gateway at debug level, its standard output and error in files."""
+    with out.open("w") as stdout, err.open("w") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "proxy", "--config", str(config), "--log-level", "debug"],
+            cwd=ROOT,
+            stdout=stdout,
+            stderr=stderr,
+            env={**os.environ, **env},
+        )
+
+
+async def test_no_key_or_prompt_text_reaches_any_log(sim: str, tmp_path: Path) -> None:
+    """Keys (good and bad) and prompt text never appear in the access log (stdout) or the
+    other logs (stderr), through requests, refusals, a good and a bad reload and a drain."""
+    port = free_port()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(config_text(port, sim, ["a"], workers=2))
+    notify = Notifications(tmp_path, port)
+    out, err = tmp_path / "stdout.log", tmp_path / "stderr.log"
+    proc = launch(config, out, err, {"API_KEYS": "sk-good-4711", "NOTIFY_SOCKET": notify.path})
+    try:
+        notify.wait_for("READY", "1")
+        prompt = "the-secret-prompt-0815"
+        body = {"model": "a", "messages": [{"role": "user", "content": prompt}]}
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        async with aiohttp.ClientSession() as session:
+            for key in ("sk-good-4711", "sk-bad-1234", None):
+                headers = {"Authorization": f"Bearer {key}"} if key else {}
+                for payload in (body, {**body, "stream": True}, {**body, "model": prompt}):
+                    async with session.post(url, json=payload, headers=headers) as response:
+                        await response.read()
+            async with session.post(url, data=b"{" + prompt.encode(), headers=headers) as r:
+                assert 401 == r.status
+        heard = len(notify.messages)
+        config.write_text(config_text(port, sim, ["a", "b"], workers=2))
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY", "1", after=heard)
+        heard = len(notify.messages)
+        config.write_text("server: {workers: 2}\nbogus: 1\n")
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("READY", "1", after=heard)
+        proc.send_signal(signal.SIGTERM)
+        assert 0 == await asyncio.to_thread(proc.wait, 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        notify.close()
+    logs = out.read_text() + err.read_text()
+    assert out.read_text().count("\n") >= 9  # the access log did write
+    for secret in ("sk-good-4711", "sk-bad-1234", "the-secret-prompt"):
+        assert secret not in logs
