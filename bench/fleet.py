@@ -43,6 +43,7 @@ from bench.fleetwork import (
     fleet_request,
     gateway_yaml,
     shared_prefix_requests,
+    tenant_of,
 )
 from bench.processes import Service, free_port, http_get, start, stop
 from bench.procstat import CpuWindow, MachineBusy, wait_quiet
@@ -273,6 +274,20 @@ def _share_above(outcomes: list[fleetload.Outcome], ms: float) -> float | None:
     return round(sum(t > ms for t in times) / len(times), 4) if times else None
 
 
+def homes(outcomes: list[fleetload.Outcome], tenants: list[int]) -> dict[str, int]:
+    """How many tenants each backend served most of the requests of (affinity: their home)."""
+    seen: dict[int, dict[str, int]] = {}
+    for o in outcomes:
+        if o.backend and o.index >= 0:
+            counts = seen.setdefault(tenants[o.index], {})
+            counts[o.backend] = counts.get(o.backend, 0) + 1
+    out: dict[str, int] = {}
+    for counts in seen.values():
+        home = max(sorted(counts), key=counts.__getitem__)
+        out[home] = out.get(home, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def prefix_part(settings: Settings, work: Path) -> dict[str, Any]:
     profile = PrefixProfile()
     working_set = profile.working_set_blocks(BLOCK)
@@ -285,6 +300,7 @@ def prefix_part(settings: Settings, work: Path) -> dict[str, Any]:
     full_prefill_ms = PREFILL_MS * -(-profile.system_bytes // BLOCK)
     count = int(rate * settings.prefix_s)
     requests = shared_prefix_requests(profile, count)
+    tenants = [tenant_of(body) for body, _, _ in requests]
     out: dict[str, Any] = {
         "profile": asdict(profile),
         "working_set_blocks": working_set,
@@ -297,6 +313,11 @@ def prefix_part(settings: Settings, work: Path) -> dict[str, Any]:
         },
         "rate_per_s": rate,
         "requests": count,
+        "tenants_seen": len(set(tenants)),  # each one's first request finds nothing cached
+        "system_prompts_per_cache": {
+            run: int(working_set * factor) // -(-profile.system_bytes // BLOCK)
+            for run, factor in (("pressure", PRESSURE), ("control", CONTROL))
+        },
         "runs": {},
     }
     sims = tuple(Sim(f"sim-{c}", PREFIX_TTFT_MS, PREFIX_GAP_MS) for c in "abc")
@@ -333,6 +354,7 @@ def prefix_part(settings: Settings, work: Path) -> dict[str, Any]:
                     "ttft_ms": ttft(outcomes),
                     "share": share,
                     "busiest_share": max(share.values()) if share else None,
+                    "tenant_homes": homes(outcomes, tenants),
                     "decisions": chosen,
                     "max_waiting": {n: s["slots"]["max_waiting"] for n, s in stats.items()},
                     "hit_rate_by_backend": {
@@ -465,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.out / 'fleet.json'}; logs in {work}")
     for title, table in tables:
         print(f"\n{title}\n{fleetreport.text_table(table)}")
-    for line in fleetreport.verdicts(results):
+    for line in fleetreport.verdicts(results) + fleetreport.notes(results):
         print(line)
     return 0
 

@@ -40,6 +40,7 @@ class Outcome:
     total_ms: float = 0.0
     failure: str | None = None  # None, before_head, after_head, mid_stream
     detail: str = ""
+    index: int = -1  # the request's place in the list `open_loop` was given
 
 
 @dataclass(slots=True)
@@ -191,11 +192,13 @@ async def open_loop(
     tasks: set[asyncio.Task[None]] = set()
     shed = 0
 
-    async def one(request: Request) -> None:
-        outcomes.append(await send(pool, request, timeout_s))
+    async def one(index: int, request: Request) -> None:
+        outcome = await send(pool, request, timeout_s)
+        outcome.index = index
+        outcomes.append(outcome)
 
     at = time.perf_counter()
-    for request in requests:
+    for index, request in enumerate(requests):
         at += rng.expovariate(rate_per_s)
         delay = at - time.perf_counter()
         if delay > 0:
@@ -203,7 +206,7 @@ async def open_loop(
         if len(tasks) >= max_outstanding:
             shed += 1
             continue
-        task = asyncio.create_task(one(request))  # owned by `tasks`, awaited below
+        task = asyncio.create_task(one(index, request))  # owned by `tasks`, awaited below
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:

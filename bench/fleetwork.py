@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import orjson
@@ -101,6 +102,15 @@ def shared_prefix_requests(profile: PrefixProfile, count: int) -> list[Request]:
         out.append((chat(messages, profile.tokens, True), (), True))
         turns.append({"role": "assistant", "content": text(rng, profile.answer_bytes)})
     return out
+
+
+_TENANT = re.compile(rb"You are the assistant of tenant (\d+)\.")
+
+
+def tenant_of(body: bytes) -> int:
+    """The tenant a `shared_prefix_requests` body belongs to (by its system prompt)."""
+    found = _TENANT.search(body)
+    return int(found.group(1)) if found else -1
 
 
 def big_prompt_body(size: int = 32_000) -> bytes:

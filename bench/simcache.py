@@ -4,11 +4,12 @@ Pure and synchronous; bench/simprotocol.py asks them when a generation starts.
 
 - `PrefixCache`: an LRU of prompt blocks (`block_bytes` of the prompt text each, 256 by
   default), keyed by a hash chained over every block before it, as vLLM's automatic prefix
-  caching keys its KV blocks. A request's cached prefix is its leading blocks found in the
-  cache, up to the first miss; the blocks after it are computed (the prefill), and all of the
-  request's blocks are then held as most recently used, the last block least recent of them
-  so that a prompt is evicted from its tail (vLLM frees a sequence's blocks in reverse order
-  for the same reason). Capacity is in blocks; 0 switches the cache off.
+  caching keys its KV blocks. A request's cached prefix is its leading full blocks found in
+  the cache, up to the first miss; the blocks after it are computed (the prefill), and the
+  request's full blocks are then held as most recently used, the last block least recent of
+  them so that a prompt is evicted from its tail (vLLM frees a sequence's blocks in reverse
+  order for the same reason). A partial last block is always computed and never kept: vLLM
+  hashes and caches full blocks only. Capacity is in blocks; 0 switches the cache off.
 - `Slots`: at most `limit` generations at once (a batch's sequences); the rest wait first in,
   first out. 0 switches the limit off.
 
@@ -75,10 +76,12 @@ class PrefixCache:
         return self.capacity > 0
 
     def admit(self, text: bytes) -> int:
-        """Look `text` up, then hold its blocks as most recent; the number of uncached blocks."""
+        """Look `text` up, then hold its full blocks as most recent; the number of blocks
+        computed (a partial last block always is)."""
         keys = block_keys(text, self.block_bytes)
+        full = keys[: len(text) // self.block_bytes]
         cached = 0
-        for key in keys:
+        for key in full:
             if key not in self.blocks:
                 break
             cached += 1
@@ -87,7 +90,7 @@ class PrefixCache:
         self.hit_blocks += cached
         self.miss_blocks += uncached
         self.full_hits += uncached == 0
-        for key in reversed(keys):  # the first block ends most recent: evicted from the tail
+        for key in reversed(full):  # the first block ends most recent: evicted from the tail
             self.blocks[key] = None
             self.blocks.move_to_end(key)
         while len(self.blocks) > self.capacity:

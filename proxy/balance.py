@@ -94,7 +94,7 @@ def _by_weight(targets: list[Target], rng: random.Random) -> list[Target]:
 # for a fleet with almost nothing to do. Kept rather than scaled down to a backend's batch
 # size: a key passed over pays its whole prefill again on the next replica, and there takes
 # cache room a second time, which costs more than a short wait in the home replica's batch
-# (bench/README.md, "Fleet figures", has the measurements behind this).
+# (bench/README.md, "What limits `affinity` under cache pressure").
 AFFINITY_FLOOR = 8
 
 # A backend whose KV cache is this full would preempt or queue a new request: tried last.
