@@ -25,7 +25,9 @@ class Admission:
 
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
-        self.queues: dict[str, list[_Waiter]] = {}
+        # Keyed by the Backend itself, not its name: after a reload that rebuilt a backend,
+        # a slot on the old one must never go to a request that queued for the new one.
+        self.queues: dict[Backend, list[_Waiter]] = {}
         self.waiting = 0  # requests in the queue now (proxy_queue_depth)
         self._order = itertools.count()
 
@@ -39,9 +41,11 @@ class Admission:
 
     def give_back(self, backend: Backend) -> None:
         """The slot's request is done: hand the slot to the earliest-deadline waiter, if any."""
-        queue = self.queues.get(backend.name)
+        queue = self.queues.get(backend)
         while queue:
             _, _, waiter = heapq.heappop(queue)
+            if not queue:
+                del self.queues[backend]
             if not waiter.done():
                 waiter.set_result(backend)  # the slot changes hands; in_flight stays
                 return
@@ -66,7 +70,7 @@ class Admission:
         waiter: asyncio.Future[Backend] = loop.create_future()
         entry = (deadline, next(self._order), waiter)
         for backend in backends:
-            heapq.heappush(self.queues.setdefault(backend.name, []), entry)
+            heapq.heappush(self.queues.setdefault(backend, []), entry)
         self.waiting += 1
         try:
             async with asyncio.timeout_at(min(deadline, give_up)):
@@ -97,7 +101,9 @@ class Admission:
         """Take a waiter that left (timed out, cancelled) out of every queue it joined, so
         the queues hold only the living: they never grow past `max_queue` entries each."""
         for backend in backends:
-            queue = self.queues.get(backend.name)
+            queue = self.queues.get(backend)
             if queue is not None and entry in queue:
                 queue.remove(entry)
                 heapq.heapify(queue)
+                if not queue:
+                    del self.queues[backend]

@@ -136,6 +136,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         dialect=dialect_of(request.path),
     )
     request[EXCHANGE] = ex
+    state.active += 1
     clients = state.clients
     if clients is not None:
         clients.request_started(request.protocol)
@@ -168,6 +169,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         logger.exception("unhandled error on %s %s", request.method, request.path[:200])
         return error_response(ProxyError("the gateway failed on this request; see its log"), ex)
     finally:
+        state.active -= 1
         if clients is not None:
             clients.request_finished(request.protocol)
         left: str | None = None  # where the client was when it went away

@@ -22,7 +22,6 @@ import msgspec
 
 from proxy.auth import KeySet
 from proxy.config import BackendConfig, Config, ConfigError
-from proxy.fleet import BackendHealth
 from proxy.health import check_all
 from proxy.notify import notify
 from proxy.state import GatewayState, Live
@@ -88,10 +87,14 @@ def successor(
     old: GatewayState, config: Config, environ: Mapping[str, str]
 ) -> tuple[GatewayState, list[Backend]]:
     """The state for `config` (its `server` section replaced by the one in force), and the
-    old state's backends it no longer uses, to retire once their requests are done."""
+    old state's backends it no longer uses, to retire once its requests are done.
+
+    A backend keeps its `Backend` (connections, in-flight count) unless what its connections
+    are made from changed (url, key, pool settings, CA, connect timeout); other settings
+    (max_in_flight, kind, serves, health path) apply to it in place. Its health and load
+    signals carry over unless what they describe changed (url, kind, health path).
+    """
     config = msgspec.structs.replace(config, server=old.config.server)
-    diff = changes(old.config, config)
-    rebuilt = set(diff.backends_changed)
     new = GatewayState(
         config,
         KeySet.from_env(environ.get(config.auth.keys_env)),
@@ -102,28 +105,51 @@ def successor(
     new.clients, new.admission, new.rng = old.clients, old.admission, old.rng
     new.started_at, new.known_models = old.started_at, old.known_models
     for name, backend_config in config.backends.items():
-        if name in old.backends and name not in rebuilt:
-            new.backends[name] = old.backends[name]
+        kept = old.backends.get(name)
+        if kept is not None and _pool_key(old.config, name) == _pool_key(config, name):
+            kept.config = backend_config
+            new.backends[name] = kept
+        else:
+            key = environ.get(backend_config.api_key_env) if backend_config.api_key_env else None
+            new.backends[name] = Backend(name, backend_config, key, config.timeouts.connect_s)
+        was = old.config.backends.get(name)
+        if was is not None and _health_key(was) == _health_key(backend_config):
             new.fleet[name] = old.fleet[name]
             if name in old.signals:
                 new.signals[name] = old.signals[name]
             if name in old.saturated:
                 new.saturated[name] = old.saturated[name]
-        else:
-            key = environ.get(backend_config.api_key_env) if backend_config.api_key_env else None
-            new.backends[name] = Backend(name, backend_config, key, config.timeouts.connect_s)
-            new.fleet[name] = BackendHealth()
     gone = [b for name, b in old.backends.items() if new.backends.get(name) is not b]
     return new, gone
 
 
-async def retire(backends: Iterable[Backend], limit_s: float) -> None:
-    """Close backends once no request is in flight on them (or after `limit_s`)."""
+def _pool_key(config: Config, name: str) -> tuple[object, ...]:
+    """What a backend's connections are made from."""
+    b = config.backends[name]
+    return (
+        b.url,
+        b.api_key_env,
+        b.keepalive_s,
+        b.max_connections,
+        b.ca_file,
+        config.timeouts.connect_s,
+    )
+
+
+def _health_key(backend: BackendConfig) -> tuple[object, ...]:
+    """What a backend's health and load signals describe."""
+    return backend.url, backend.kind, backend.health_path
+
+
+async def retire(old: GatewayState, backends: Iterable[Backend], limit_s: float) -> None:
+    """Close backends the new state does not use once no request that began on the `old`
+    state is left (one might still retry or fall back to them) and none is in flight on
+    them, or after `limit_s`."""
     waiting = list(backends)
     try:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(limit_s):
-                while any(b.in_flight for b in waiting):  # noqa: ASYNC110  (a counter)
+                while old.active or any(b.in_flight for b in waiting):  # noqa: ASYNC110
                     await asyncio.sleep(_RETIRE_POLL_S)
     finally:  # the gateway stopping cancels this: the backends close all the same
         for backend in waiting:
@@ -150,15 +176,18 @@ def renew_certificate(live: Live, config: Config) -> bool:
 
 
 async def apply(live: Live, config: Config, environ: Mapping[str, str]) -> Changes:
-    """Put a checked config in force: new backends are probed once first (so a model they
-    serve is served at once), then new requests get the new state; the old backends that
-    left are retired in the background."""
+    """Put a checked config in force: backends with no health yet are probed first, as many
+    times as `health.healthy_threshold` asks (so a model they serve is served at once), then
+    new requests get the new state; the old backends that left are retired in the
+    background."""
     old = live.state
     new, gone = successor(old, config, environ)
-    await check_all(new)
+    if any(name not in old.fleet or new.fleet[name] is not old.fleet[name] for name in new.fleet):
+        for _ in range(config.health.healthy_threshold):  # enough passes to bring them up
+            await check_all(new)
     live.state = new
     task = asyncio.create_task(
-        retire(gone, old.config.timeouts.max_request_s), name="retire-backends"
+        retire(old, gone, old.config.timeouts.max_request_s), name="retire-backends"
     )
     live.tasks.add(task)
     task.add_done_callback(live.tasks.discard)

@@ -50,6 +50,9 @@ class GatewayState:
         self.saturated: dict[str, float] = {}
         # The backends' own load, from their /metrics, scraped beside the health checks.
         self.signals: dict[str, Signals] = {}
+        # Requests that began on this state and have not ended (a reload retires the old
+        # state's backends only once this is 0).
+        self.active = 0
 
     def healthy(self, now: float) -> dict[str, bool]:
         """Each backend: probed up and not ejected, at `now` (monotonic)."""

@@ -104,7 +104,7 @@ async def test_waiters_that_leave_leave_no_heap_entries(gateway_factory, upstrea
         for task in leavers:
             task.cancel()
         await wait_for(lambda: gw.state.admission.waiting == 0)
-    heap = gw.state.admission.queues.get("b0", [])
+    heap = gw.state.admission.queues.get(gw.state.backends["b0"], [])
     try:
         assert gw.state.admission.waiting >= len(heap)
     finally:
