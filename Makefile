@@ -41,6 +41,11 @@ endif
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
 	@command -v systemd-analyze >/dev/null || { echo "installing systemd (systemd-analyze checks the unit)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null; }
+	@# The tests start their own redis-server on a free port; the package's own service (which
+	@# apt may start where no policy-rc.d forbids it) is stopped by its pid file, never relied on.
+	@command -v redis-server >/dev/null || { echo "installing redis-server (the key store's tests run their own)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  service redis-server stop >/dev/null 2>&1 || true; }
 	$(BIN)/python -m pytest
 
 ## The soak test at full length: 100,000 mixed requests (make test runs 20,000).

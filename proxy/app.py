@@ -18,6 +18,7 @@ from proxy.listener import GuardedServer, close, listen
 from proxy.metrics import Metrics
 from proxy.middleware import gateway_middleware, malformed
 from proxy.routes import add_routes
+from proxy.routes.admin import admin_digest, managed_keys
 from proxy.state import LIVE, GatewayState, Live
 from proxy.tls import server_context
 from proxy.upstream import open_backends
@@ -44,6 +45,10 @@ def create_app(
     log = AccessLog(access_log if config.server.access_log else None)
     metrics = Metrics(list(config.backends), config.timeouts.max_request_s)
     live = app[LIVE] = Live(GatewayState(config, keys, {}, metrics, log))
+    if config.auth.store is not None:  # opened first at start: no store, no serving
+        managed = live.state.managed = managed_keys(config.auth, env)
+        app.cleanup_ctx.append(lambda _app: managed.serving())
+    live.state.admin = admin_digest(config.auth, keys, env)
 
     async def backends(app: web.Application) -> AsyncIterator[None]:
         live.state.backends = open_backends(config, env)
@@ -66,7 +71,7 @@ def create_app(
     for name, backend in config.backends.items():
         if backend.api_key_env and not env.get(backend.api_key_env):
             logger.warning("backend %s: $%s is not set; sending no key", name, backend.api_key_env)
-    if keys:
+    if keys or config.auth.store is not None:
         logger.info("auth on: %d key(s) from $%s", len(keys), config.auth.keys_env)
     else:
         logger.warning("auth OFF: no keys in $%s; every client is let in", config.auth.keys_env)

@@ -68,6 +68,9 @@ class TimeoutsConfig(_Section, frozen=True):
 class AuthConfig(_Section, frozen=True):
     keys_env: str = "API_KEYS"
     open_paths: tuple[str, ...] = ("/health", "/ready", "/metrics")
+    store: str | None = None  # managed keys: a SQLite file path, or redis://host:port/db
+    admin_key_env: str | None = None  # the admin API (/admin/keys) is on when this var is set
+    hash_key_env: str | None = None  # a secret mixed into the stored keys' HMAC (docs/security.md)
 
 
 class HealthConfig(_Section, frozen=True):
@@ -312,6 +315,7 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
         errors.append("timeouts.head_s: must be a positive number")
     if t.request_s > t.max_request_s:
         errors.append("timeouts.request_s: must not exceed timeouts.max_request_s")
+    errors.extend(_check_auth(config.auth))
     for name, backend in config.backends.items():
         errors.extend(_check_backend(f"backends.{name}", backend))
     if not config.backends and not _mentions(broken, "backends"):
@@ -396,6 +400,61 @@ def _check_model(
         elif fallback == name:
             errors.append(f"{path}.fallbacks[{i}]: a model cannot fall back to itself")
     return errors
+
+
+def store_kind(store: str) -> Literal["sqlite", "redis"] | None:
+    """What `auth.store` names: a redis:// URL, a SQLite file path, or (None) neither."""
+    if store.startswith(("redis://", "rediss://")):
+        return "redis"
+    if not store or "://" in store or "\x00" in store:
+        return None
+    return "sqlite"
+
+
+def _check_auth(auth: AuthConfig) -> list[str]:
+    errors: list[str] = []
+    if auth.store is not None:
+        kind = store_kind(auth.store)
+        if kind is None:
+            errors.append(
+                f"auth.store: '{auth.store[:200]}' is neither a SQLite file path nor a "
+                "redis://host:port/db URL"
+            )
+        elif kind == "redis":
+            errors.extend(f"auth.store: {problem}" for problem in _redis_url_problems(auth.store))
+    if auth.admin_key_env is not None and auth.store is None:
+        errors.append("auth.admin_key_env: the admin API manages auth.store's keys; set auth.store")
+    if auth.hash_key_env is not None and auth.store is None:
+        errors.append("auth.hash_key_env: only managed keys (auth.store) are hashed with it")
+    errors.extend(
+        f"auth.{name}: must name an environment variable"
+        for name in ("admin_key_env", "hash_key_env")
+        if getattr(auth, name) == ""
+    )
+    errors.extend(
+        f"auth.open_paths: {path} is the admin API's; it always needs the admin key"
+        for path in auth.open_paths
+        if path == "/admin" or path.startswith("/admin/")
+    )
+    return errors
+
+
+def _redis_url_problems(url: str) -> list[str]:
+    """What is wrong with a redis:// URL: host, port and database number (an integer)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (reading it checks it: a bad port raises ValueError)
+    except ValueError as exc:
+        return [f"'{url[:200]}' is not a valid URL ({exc})"]
+    problems: list[str] = []
+    if not parts.hostname:
+        problems.append("a redis:// URL needs a host (redis://127.0.0.1:6379/0)")
+    db = parts.path.removeprefix("/")
+    if db and not (db.isascii() and db.isdigit()):
+        problems.append(f"the database after the host must be a number, not '{db[:50]}'")
+    if parts.query or parts.fragment:
+        problems.append("a redis:// URL takes no query or fragment")
+    return problems
 
 
 def _check_backend(path: str, backend: BackendConfig) -> list[str]:

@@ -56,6 +56,13 @@ class NotFound(ProxyError):
     google_status = "NOT_FOUND"
 
 
+class Conflict(ProxyError):
+    status = 409
+    type = "conflict"
+    anthropic_type = "invalid_request_error"
+    google_status = "ALREADY_EXISTS"
+
+
 class MethodNotAllowed(ProxyError):
     status = 405
     type = "invalid_request"

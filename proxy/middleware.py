@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler
 
-from proxy.auth import authenticate
+from proxy.auth import authenticate, is_admin_path
 from proxy.errors import (
     Dialect,
     ExpectationFailed,
@@ -145,9 +145,11 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise VersionNotSupported(
                 f"{request[BAD_VERSION]} is not spoken here: send HTTP/1.1 (or HTTP/1.0)"
             )
-        if request.path not in state.open_paths:
+        if request.path not in state.open_paths and not (
+            state.admin is not None and is_admin_path(request.path)  # the admin key's, instead
+        ):
             query_key = request.query.get("key") if ex.dialect == "gemini" else None
-            ex.principal = authenticate(request.headers, state.keys, query_key)
+            ex.principal = authenticate(request.headers, state.keys, query_key, state.managed)
         if EXPECT in request:  # only once the key is known good: no 100 for a refused request
             await expect(request, request[EXPECT])
         response = await handler(request)

@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 
 from proxy.adapters import ChatTemplateAdapter, ResponsesAdapter
+from proxy.auth import check_scope
 from proxy.balance import affinity_key
 from proxy.chain import Call
 from proxy.config import OptionalApi, serves
@@ -51,6 +52,7 @@ async def serve_model(
     state, ex, body = call.state, call.ex, call.body
     route = plan(state.config, model, state.known_models)
     ex.model_label = route.model_label
+    check_scope(ex.principal, model)
     translation: Adapter | None = None
 
     def native(backend: Backend) -> bool:

@@ -14,6 +14,7 @@ from proxy.admission import Admission
 from proxy.auth import KeySet
 from proxy.config import Config
 from proxy.fleet import BackendHealth
+from proxy.keys import ManagedKeys
 from proxy.listener import GuardedServer
 from proxy.metrics import Metrics
 from proxy.signals import Signals
@@ -50,6 +51,10 @@ class GatewayState:
         self.saturated: dict[str, float] = {}
         # The backends' own load, from their /metrics, scraped beside the health checks.
         self.signals: dict[str, Signals] = {}
+        # Managed keys (auth.store), in memory and kept fresh; None when no store is set.
+        self.managed: ManagedKeys | None = None
+        # SHA-256 of the admin key (auth.admin_key_env); None: the admin API is off (404).
+        self.admin: bytes | None = None
         # Requests that began on this state and have not ended (a reload retires the old
         # state's backends only once this is 0).
         self.active = 0

@@ -19,7 +19,7 @@ from proxy.config import Config, load_config
 from proxy.state import LIVE, GatewayState
 from tests.fakes import FakeUpstream
 
-pytest_plugins = ["tests.real_backend.fixtures"]
+pytest_plugins = ["tests.real_backend.fixtures", "tests.redis_fixture"]
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy import serve
-from proxy.routes import mlflow, oicm, openai, ops, protocols
+from proxy.routes import admin, mlflow, oicm, openai, ops, protocols
 
 # Base paths under which the OpenAI routes are served (MLflow and Databricks clients use them).
 OPENAI_PREFIXES = ("", "/gateway/mlflow", "/mlflow", "/gateway/openai", "/openai")
@@ -36,3 +36,4 @@ def add_routes(app: web.Application) -> None:
     router.add_get("/health", ops.health)
     router.add_get("/ready", ops.ready)
     router.add_get("/metrics", ops.metrics)
+    admin.add_admin_routes(router)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
+from proxy.auth import check_scope
 from proxy.catalog import model_cards
 from proxy.chain import Call, begin, json_response
 from proxy.forward import exchange, try_plan
@@ -42,6 +43,7 @@ async def _as_is(call: Call, endpoint: str, path: str) -> web.StreamResponse:
     """Any other task path (rerank, embed, audio, ...): method, headers and body untouched."""
     route = plan(call.state.config, endpoint, call.state.known_models)
     call.ex.model_label = route.model_label
+    check_scope(call.ex.principal, endpoint)
     body = call.body or None
 
     async def run(backend: Backend, target: Target, may_retry: bool) -> web.StreamResponse:
