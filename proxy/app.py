@@ -17,12 +17,13 @@ from proxy.health import health_checks
 from proxy.listener import GuardedServer, close, listen
 from proxy.metrics import Metrics
 from proxy.middleware import gateway_middleware, malformed
+from proxy.ratelimit import LIMITER, add_limit_headers, limiter_for
 from proxy.routes import add_routes
 from proxy.routes.admin import admin_digest, managed_keys
 from proxy.state import LIVE, GatewayState, Live
 from proxy.tls import server_context
 from proxy.upstream import open_backends
-from proxy.workermetrics import worker_metrics
+from proxy.workermetrics import WORKERS_ENV, worker_metrics
 
 logger = logging.getLogger("proxy")
 
@@ -45,6 +46,9 @@ def create_app(
     log = AccessLog(access_log if config.server.access_log else None)
     metrics = Metrics(list(config.backends), config.timeouts.max_request_s)
     live = app[LIVE] = Live(GatewayState(config, keys, {}, metrics, log))
+    limiter = app[LIMITER] = limiter_for(config, metrics, _workers(env))
+    app.cleanup_ctx.append(lambda _app: limiter.running())
+    app.on_response_prepare.append(add_limit_headers)
     if config.auth.store is not None:  # opened first at start: no store, no serving
         managed = live.state.managed = managed_keys(config.auth, env)
         app.cleanup_ctx.append(lambda _app: managed.serving())
@@ -76,6 +80,12 @@ def create_app(
     else:
         logger.warning("auth OFF: no keys in $%s; every client is let in", config.auth.keys_env)
     return app
+
+
+def _workers(env: Mapping[str, str]) -> int:
+    """How many workers share this host's limits (the supervisor says; 1 when it runs none)."""
+    value = env.get(WORKERS_ENV, "1")
+    return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def make_runner(app: web.Application, config: Config) -> web.AppRunner:

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from proxy.limits import Limits
+
 BackendKind = Literal["vllm", "sglang", "tgi", "ollama", "llamacpp", "openai"]
 # Routes that not every OpenAI-compatible server has.
 OptionalApi = Literal[
@@ -68,6 +70,9 @@ class TimeoutsConfig(_Section, frozen=True):
 class AuthConfig(_Section, frozen=True):
     keys_env: str = "API_KEYS"
     open_paths: tuple[str, ...] = ("/health", "/ready", "/metrics")
+    default_limits: Limits | None = None  # rpm, tpm, max_in_flight of keys that set none
+    redis_timeout_s: float = 0.05  # longest wait for Redis on a request's path
+    hosts: int = 1  # gateways sharing auth.store's Redis: each takes 1/hosts while it is away
     store: str | None = None  # managed keys: a SQLite file path, or redis://host:port/db
     admin_key_env: str | None = None  # the admin API (/admin/keys) is on when this var is set
     hash_key_env: str | None = None  # a secret mixed into the stored keys' HMAC (docs/security.md)
@@ -123,6 +128,7 @@ class ModelConfig(_Section, frozen=True):
     endpoint_type: EndpointType = "llm/v1/chat"
     vision: bool = False
     policy: Policy = "least_loaded"
+    limits: Limits | None = None  # rpm, tpm, max_in_flight of the model, whoever calls it
 
 
 class Config(_Section, frozen=True):
@@ -316,6 +322,7 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
     if t.request_s > t.max_request_s:
         errors.append("timeouts.request_s: must not exceed timeouts.max_request_s")
     errors.extend(_check_auth(config.auth))
+    errors.extend(_check_limits(config))
     for name, backend in config.backends.items():
         errors.extend(_check_backend(f"backends.{name}", backend))
     if not config.backends and not _mentions(broken, "backends"):
@@ -455,6 +462,27 @@ def _redis_url_problems(url: str) -> list[str]:
     if parts.query or parts.fragment:
         problems.append("a redis:// URL takes no query or fragment")
     return problems
+
+
+def _check_limits(config: Config) -> list[str]:
+    """Rate limits: whole numbers of at least 1; Redis's timeout short but positive."""
+    a = config.auth
+    errors: list[str] = []
+    if not (_positive(a.redis_timeout_s) and a.redis_timeout_s <= 5):
+        errors.append("auth.redis_timeout_s: must be a positive number of seconds, at most 5")
+    if a.hosts < 1:
+        errors.append("auth.hosts: must be at least 1")
+    places = [("auth.default_limits", a.default_limits)]
+    places += [(f"models.{name}.limits", m.limits) for name, m in config.models.items()]
+    for where, limits in places:
+        if limits is None:
+            continue
+        errors.extend(
+            f"{where}.{field}: must be at least 1 (leave it out for no limit)"
+            for field in ("rpm", "tpm", "max_in_flight")
+            if (value := getattr(limits, field)) is not None and value < 1
+        )
+    return errors
 
 
 def _check_backend(path: str, backend: BackendConfig) -> list[str]:

@@ -28,15 +28,16 @@ BYTES_PER_TOKEN = 4  # BPE tokenizers average about 4 bytes of English text per 
 _EPS = 1e-9  # of a period: float slack, so that the 7th of 7 per minute is not refused
 
 
-class KeyLimits(msgspec.Struct, frozen=True, kw_only=True):
-    """The limits one caller (a key) or one model is held to; None: no such limit."""
+class Limits(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The limits one key or one model is held to (None: no such limit); also the config's
+    `auth.default_limits` and `models.NAME.limits`."""
 
     rpm: int | None = None
     tpm: int | None = None
     max_in_flight: int | None = None
 
 
-NO_LIMITS = KeyLimits()
+NO_LIMITS = Limits()
 
 
 class Rule(msgspec.Struct, frozen=True):
@@ -91,16 +92,16 @@ def estimate_tokens(body_bytes: int, cap: float) -> int:
 
 def rules_for(
     key: str | None,
-    key_limits: KeyLimits,
+    key_limits: Limits,
     model: str | None,
-    model_limits: KeyLimits,
+    model_limits: Limits,
     body_bytes: int,
     share: float = 1.0,
 ) -> tuple[Rule, ...]:
     """The rules one request is held to: its key's, then its model's; `share` (0 < share <= 1)
     is this process's part of each limit."""
     rules: list[Rule] = []
-    scopes: tuple[tuple[Scope, str | None, KeyLimits], ...] = (
+    scopes: tuple[tuple[Scope, str | None, Limits], ...] = (
         ("key", key, key_limits),
         ("model", model, model_limits),
     )
@@ -116,7 +117,7 @@ def rules_for(
     return tuple(rules)
 
 
-def _by_kind(limits: KeyLimits) -> tuple[tuple[Kind, int | None], ...]:
+def _by_kind(limits: Limits) -> tuple[tuple[Kind, int | None], ...]:
     return (
         ("requests", limits.rpm),
         ("tokens", limits.tpm),
@@ -249,16 +250,15 @@ def message(verdict: Verdict) -> str:
     """What the 429 says: which limit, whose (this key's or the model's), and when to retry."""
     rule = verdict.denied_by
     assert rule is not None
-    whose = "this key's" if rule.scope == "key" else f"model '{rule.name}''s"
+    whose = "this key" if rule.scope == "key" else f"model '{rule.name}'"
     limit = _number(rule.limit)
     if rule.kind == "in_flight":
         return (
-            f"rate limit reached: {whose} limit of {limit} requests in flight; "
+            f"rate limit reached: {limit} requests in flight at once for {whose}; "
             "retry when one of them ends"
         )
-    unit = "requests" if rule.kind == "requests" else "tokens"
     return (
-        f"rate limit reached: {whose} limit of {limit} {unit} per minute; "
+        f"rate limit reached: {limit} {rule.kind} per minute for {whose}; "
         f"retry in {duration(verdict.retry_s)}"
     )
 

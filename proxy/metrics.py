@@ -108,6 +108,9 @@ class Metrics:
         self.backend_up: Callable[[], dict[str, bool]] = lambda: dict.fromkeys(backends, False)
         self.in_flight: Callable[[], dict[str, int]] = lambda: dict.fromkeys(backends, 0)
         self.queue_depth: Callable[[], int] = lambda: 0
+        self.rate_limited: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.store_errors: defaultdict[str, int] = defaultdict(int)
+        self.limits_degraded: Callable[[], int] = lambda: 0
         # process_resident_memory_bytes, process_open_fds, process_max_fds, CPU seconds...
         # of the serving process, read from /proc at scrape time.
         self.process = ProcessCollector(registry=None)
@@ -221,6 +224,25 @@ class Metrics:
             "Requests waiting for a free target now.",
             (),
             {(): self.queue_depth()},
+        )
+        yield _counter(
+            "proxy_rate_limited",
+            "Requests refused with 429 by a rate limit, by model and limit kind (requests, "
+            "tokens, in_flight), the key's or the model's.",
+            ("model", "limit"),
+            self.rate_limited,
+        )
+        yield _counter(
+            "proxy_store_errors",
+            "Calls to the shared store (Redis) that failed or ran out of time, by operation.",
+            ("op",),
+            self.store_errors,
+        )
+        yield _gauge(
+            "proxy_limits_degraded",
+            "1 while Redis is away and each worker enforces its share of every limit alone.",
+            (),
+            {(): self.limits_degraded()},
         )
 
 

@@ -21,6 +21,7 @@ from proxy.chain import Call
 from proxy.config import OptionalApi, serves
 from proxy.errors import Unsupported
 from proxy.forward import exchange, try_plan
+from proxy.ratelimit import limited
 from proxy.routing import Plan, Target, plan
 from proxy.state import STATE, GatewayState
 from proxy.translated import Adapter, exchange_translated
@@ -79,7 +80,8 @@ async def serve_model(
         return await exchange_translated(call, backend, translation, chat, may_retry)
 
     key_path = native_path if native_api != NEVER else ""  # a Gemini body is not chat's
-    return await try_plan(call, route, run, affinity_of(call, route, key_path))
+    async with limited(call, model):  # 429 past a limit; settled however the request ends
+        return await try_plan(call, route, run, affinity_of(call, route, key_path))
 
 
 def _only(route: Plan, able: Callable[[str], bool], path: str, state: GatewayState) -> Plan:

@@ -10,6 +10,7 @@ from proxy.catalog import model_cards
 from proxy.chain import Call, begin, json_response
 from proxy.forward import exchange, try_plan
 from proxy.paths import subpath
+from proxy.ratelimit import limited
 from proxy.routing import Target, plan
 from proxy.serve import CHAT, OPENAI_POST_ROUTES, affinity_of, serve_openai
 from proxy.state import STATE
@@ -49,4 +50,5 @@ async def _as_is(call: Call, endpoint: str, path: str) -> web.StreamResponse:
     async def run(backend: Backend, target: Target, may_retry: bool) -> web.StreamResponse:
         return await exchange(call, backend, path, body, may_retry)
 
-    return await try_plan(call, route, run, affinity_of(call, route))
+    async with limited(call, endpoint):  # the endpoint's and the key's limits, as serve_model
+        return await try_plan(call, route, run, affinity_of(call, route))

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from proxy.limits import (
     NO_LIMITS,
-    KeyLimits,
+    Limits,
     LocalLimits,
     Rule,
     Scope,
@@ -104,7 +104,7 @@ def test_refusal_message_and_headers_name_the_limit() -> None:
     rules = [tpm(1000, 600, "model", "qwen")]
     local.check(rules, 0.0)
     refused = local.check(rules, 0.0)
-    assert "rate limit reached: model 'qwen''s limit of 1000 tokens per minute; retry in 12s" == (
+    assert "rate limit reached: 1000 tokens per minute for model 'qwen'; retry in 12s" == (
         message(refused)
     )
     assert 12 == retry_after(refused)
@@ -119,7 +119,7 @@ def test_in_flight_cap_and_release() -> None:
     assert [True, True, False] == [local.check(rules, 0.0).allowed for _ in range(3)]
     refused = local.check(rules, 0.0)
     assert (
-        "rate limit reached: this key's limit of 2 requests in flight; retry when one of them ends"
+        "rate limit reached: 2 requests in flight at once for this key; retry when one of them ends"
         == (message(refused))
     )
     assert 1 == retry_after(refused)
@@ -210,9 +210,9 @@ def test_rules_for_key_and_model_with_a_share() -> None:
     """A key's three limits then a model's two; a share divides each, in flight whole."""
     rules = rules_for(
         "key-0",
-        KeyLimits(rpm=60, tpm=10_000, max_in_flight=5),
+        Limits(rpm=60, tpm=10_000, max_in_flight=5),
         "qwen",
-        KeyLimits(rpm=100, tpm=None),
+        Limits(rpm=100, tpm=None),
         400,
         share=0.5,
     )
