@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+
+# SIGHUP's default action kills: from the first line until serving installs the reload
+# handler (the imports below take a while), one sent early is ignored, not fatal.
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
 import argparse
 import asyncio
 import ctypes
@@ -9,7 +15,6 @@ import errno
 import logging
 import os
 import resource
-import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +24,8 @@ import uvloop
 from proxy import __version__
 from proxy.app import create_app, serve_app
 from proxy.config import Config, ConfigError, backend_only_config, load_config, with_listen
+from proxy.keys import StoreError
+from proxy.keys.cli import add_keys_parser, check_store, run_keys
 from proxy.notify import notify
 from proxy.reload import Reloader
 from proxy.state import LIVE, Live
@@ -53,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--log-level", default="INFO", choices=LOG_LEVELS, type=str.upper, help="log level"
     )
     parser.add_argument("--version", action="version", version=f"inference-proxy {__version__}")
+    # A worker reads the supervisor's copy of the config in force; logs name the operator's.
+    parser.add_argument("--config-source", help=argparse.SUPPRESS)
+    add_keys_parser(parser.add_subparsers(dest="command", metavar="{keys}"))
     return parser.parse_args(argv)
 
 
@@ -118,7 +128,7 @@ async def serve(config: Config, args: argparse.Namespace, environ: Mapping[str, 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if args.config is not None:
-        reloader = Reloader(live, lambda: build_config(args), str(args.config), environ)
+        reloader = Reloader(live, lambda: build_config(args), source_of(args), environ)
         loop.add_signal_handler(signal.SIGHUP, reloader.requested)
     else:
         loop.add_signal_handler(signal.SIGHUP, _nothing_to_reload)
@@ -136,7 +146,7 @@ async def serve(config: Config, args: argparse.Namespace, environ: Mapping[str, 
     reporting.cancel()
     notify(environ, "STOPPING=1")
     logger.info("stopping: letting requests in flight finish (up to %ss)", config.server.drain_s)
-    await serving.close(config.server.drain_s)
+    await serving.close(config.server.drain_s, config.server.drain_grace_s)
     logger.info("stopped")
 
 
@@ -176,6 +186,16 @@ def _host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def source_of(args: argparse.Namespace) -> str:
+    """The config file as logs name it."""
+    return str(args.config_source or args.config)
+
+
+def worker_args(args: argparse.Namespace) -> list[str]:
+    """A worker's command line, but for the config and port the supervisor gives it."""
+    return ["--log-level", args.log_level] + (["--host", args.host] if args.host else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level, os.environ)
@@ -185,17 +205,24 @@ def main(argv: list[str] | None = None) -> int:
         for error in exc.errors:
             print(f"config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "keys":
+        return run_keys(args, config, os.environ)
     if args.check:
         print("config ok")
         return 0
+    store_problem = check_store(config, os.environ)  # never serve without the key store
+    if store_problem is not None:
+        print(f"inference-proxy: {store_problem[1]}", file=sys.stderr)
+        return store_problem[0]
     raise_open_files_limit()
     count = worker_count(config.server.workers, os.cpu_count())
     if count > 1 and WORKER_ENV not in os.environ:
         supervisor = Supervisor(
-            sys.argv[1:] if argv is None else argv,
+            worker_args(args),
             config,
             count,
             lambda: build_config(args),
+            source_of(args),
             os.environ,
         )
         try:
@@ -208,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         die_with_supervisor(os.environ)
     try:
         uvloop.run(serve(config, args, os.environ))
-    except CannotListen as exc:
+    except (CannotListen, StoreError) as exc:
         print(f"inference-proxy: {exc}", file=sys.stderr)
         return EXIT_START
     return 0

@@ -108,10 +108,14 @@ class Serving:
     def addresses(self) -> list[tuple[str, int]]:
         return [s.getsockname()[:2] for s in self.listener.sockets]
 
-    async def close(self, drain_s: float) -> None:
-        """Refuse new connections, let requests in flight finish for up to `drain_s`, then
-        close the app's resources."""
-        self.runner.app[LIVE].draining = True  # /ready says so from now on
+    async def close(self, drain_s: float, grace_s: float = 0.0) -> None:
+        """Drain: `/ready` answers 503 and every answer closes its connection from now on;
+        after `grace_s` (time for a load balancer to hear it), refuse new connections, let
+        requests in flight finish for up to `drain_s`, then close the app's resources."""
+        self.runner.app[LIVE].draining = True
+        if grace_s > 0:
+            logger.info("draining: still serving for %ss (server.drain_grace_s)", grace_s)
+            await asyncio.sleep(grace_s)
         await close(self.listener, self.server, drain_s)
         await self.runner.cleanup()
 

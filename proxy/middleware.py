@@ -156,6 +156,8 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         if not response.prepared:
             response.headers[REQUEST_ID] = ex.request_id
             ex.status = response.status
+            if request.app[LIVE].draining:
+                response.force_close()  # a draining gateway takes no more requests on it
         return response
     except ProxyError as err:
         return error_response(err, ex)

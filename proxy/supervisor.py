@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
+import yaml
 
 from proxy.config import Config, ConfigError
 from proxy.notify import notify
@@ -96,15 +97,17 @@ class Supervisor:
 
     def __init__(
         self,
-        argv: Sequence[str],
+        worker_args: Sequence[str],
         config: Config,
         count: int,
         load: Callable[[], Config],
+        source: str,
         environ: Mapping[str, str],
     ) -> None:
-        self.argv = list(argv)
+        self.worker_args = list(worker_args)  # the command line but --config and --port
         self.config = config
         self.load = load  # reads and checks the config file; raises ConfigError
+        self.source = source  # the operator's file, as the logs name it
         self.environ = environ
         self.workers = [Worker(i) for i in range(count)]
         self.stopping = False
@@ -124,6 +127,7 @@ class Supervisor:
         reservation = _reserve(host, self.port)  # raises OSError: the caller says why
         self.port = reservation.getsockname()[1]
         self._make_run_dir()
+        self._write_config(self.config)
         listener = self._listen_for_workers()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -168,7 +172,8 @@ class Supervisor:
             _signal(worker, signal.SIGTERM)
         running = [w.done.wait() for w in self.workers if w.process is not None]
         try:
-            async with asyncio.timeout(self._drain_s + STOP_MARGIN_S):
+            grace_s = self.config.server.drain_grace_s
+            async with asyncio.timeout(grace_s + self._drain_s + STOP_MARGIN_S):
                 await asyncio.gather(*running)
         except TimeoutError:
             for worker in self.workers:
@@ -188,7 +193,11 @@ class Supervisor:
                 sys.executable,
                 "-m",
                 "proxy",
-                *self.argv,
+                *self.worker_args,
+                "--config",
+                self._config_path,
+                "--config-source",
+                self.source,
                 "--port",
                 str(self.port),
                 env=self._worker_env(worker.index),
@@ -199,6 +208,7 @@ class Supervisor:
             code = await worker.process.wait()
             worker.done.set()
             worker.ready = False
+            worker.status = ""  # what it said last no longer holds
             if self.stopping:
                 return
             ran_s = time.monotonic() - worker.started_at
@@ -278,7 +288,11 @@ class Supervisor:
             logger.info("supervisor: all %d workers are serving", len(self.workers))
             notify(self.environ, "READY=1", f"MAINPID={os.getpid()}", self._status_line())
             return
-        if self.reload_started and not any(w.reloading or w.reload_pending for w in ready):
+        if (
+            self.announced_ready
+            and self.reload_started
+            and not any(w.reloading or w.reload_pending for w in self.workers)
+        ):
             self.reload_started = 0.0
             notify(self.environ, "READY=1", self._status_line())
             return
@@ -307,10 +321,12 @@ class Supervisor:
             logger.error("%s", status)
             notify(self.environ, "READY=1", f"STATUS={status}")
             return
-        if worker_count(config.server.workers, os.cpu_count()) != len(self.workers):
-            logger.warning("reload: server.workers changed; it applies at the next restart")
-        # The server section in force changes only at a restart.
+        if config.server != self.config.server:
+            logger.warning("reload: the server section changed; it applies at the next restart")
+        # The server section in force changes only at a restart; a worker started again
+        # later serves this config too, not whatever the file on disk says by then.
         self.config = msgspec.structs.replace(config, server=self.config.server)
+        self._write_config(self.config)
         self.reload_started = time.monotonic()
         for worker in self.workers:
             if worker.ready:
@@ -329,6 +345,19 @@ class Supervisor:
                 worker.reloading = False
             self._tell_status()
 
+    @property
+    def _config_path(self) -> str:
+        return os.path.join(self.run_dir, "config.yaml")
+
+    def _write_config(self, config: Config) -> None:
+        """The config in force, where workers read it (written whole, then renamed)."""
+        text = yaml.safe_dump(msgspec.to_builtins(config), sort_keys=False)
+        partial = self._config_path + ".new"
+        with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(f"# the config in force, from {self.source}; written by the supervisor\n")
+            out.write(text)
+        os.replace(partial, self._config_path)
+
     def _make_run_dir(self) -> None:
         runtime = self.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
         if runtime:
@@ -342,7 +371,15 @@ class Supervisor:
 
 
 def _reserve(host: str, port: int) -> socket.socket:
+    """The port, held. A first bind without SO_REUSEPORT fails if anything listens there
+    (another gateway's workers would otherwise be let in beside ours, splitting clients)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        probe.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # past TIME_WAIT, not a listener
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

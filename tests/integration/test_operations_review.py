@@ -571,23 +571,20 @@ async def test_a_restarted_worker_serves_the_config_in_force_not_the_file_on_dis
     assert 0 == await gw.stop()
 
 
-async def test_a_worker_that_cannot_restart_backs_off_and_the_other_serves(
+async def test_a_restarted_worker_ignores_a_file_that_went_bad_on_disk(
     sim: str, tmp_path: Path, gateways: list[Gateway]
 ) -> None:
-    """The file on disk turned bad and a worker dies: each restart fails with exit 2 and its
-    errors in the log, the waits double (no spinning), the supervisor stays up, the other
-    worker serves every request, and SIGTERM still ends it all with exit 0."""
+    """The file on disk turned bad (no SIGHUP) and a worker dies: it starts again on the
+    config in force (the supervisor's copy), serves, and SIGTERM ends it all with exit 0."""
     port = free_port()
     gw = start(gateways, tmp_path, workers_text(port, sim))
     await gw.heard("READY", "1")
     gw.config.write_text("server: {workers: 2, prot: 1}\n")
     os.kill(gw.pids()[0], signal.SIGKILL)
-    await gw.logged("exited with 2 after", count=2)
-    await asyncio.sleep(1.0)  # within the 2 s wait that follows: no third start yet
-    log = gw.stderr()
-    pattern = r"worker 0 \(pid \d+\) exited with 2 after [\d.]+ s; starting it again in ([\d.]+) s"
-    assert ["1.0", "2.0"] == re.findall(pattern, log), log
-    assert "config error: server.prot: unknown key" in log
+    await gw.logged("worker 0 started", count=2)
+    heard = len(gw.notify.messages)
+    await gw.heard("STATUS", "2/2 workers serving", after=heard)
+    assert "prot" not in gw.stderr()
     assert gw.proc.poll() is None
     assert [200] * 20 == await spread(port, "a", 20)
     assert 0 == await gw.stop()
@@ -698,14 +695,14 @@ async def test_a_stale_run_directory_does_not_stop_the_workers(
 async def test_fifty_reloads_leak_no_file_descriptors(
     sim: str, tmp_path: Path, gateways: list[Gateway]
 ) -> None:
-    """50 reloads, each rebuilding backend x (its max_in_flight flips) with a request on the
+    """50 reloads, each rebuilding backend x (its keepalive_s flips) with a request on the
     new one after each: the gateway's open descriptors stay where they were."""
     port = free_port()
 
     def text(i: int) -> str:
         return yaml(
             port,
-            {"x": f"url: '{sim}', kind: vllm, max_in_flight: {10 + i % 2}"},
+            {"x": f"url: '{sim}', kind: vllm, keepalive_s: {4 + i % 2}"},
             {"a": "targets: [{backend: x}]"},
             health="interval_s: 30",
         )
@@ -736,7 +733,7 @@ async def test_fifty_reloads_leave_no_task_behind(fakes: list[Fake], gateway_fac
     def text(i: int) -> str:
         return yaml(
             0,
-            {"x": f"url: '{backend.url}', kind: vllm, max_in_flight: {10 + i % 2}"},
+            {"x": f"url: '{backend.url}', kind: vllm, keepalive_s: {4 + i % 2}"},
             {"m": "targets: [{backend: x}]"},
             health="interval_s: 30",
         )
@@ -816,11 +813,11 @@ def answer_on(sock: socket.socket) -> bytes:
 async def test_a_load_balancer_probing_ready_on_a_kept_alive_connection_hears_draining(
     sim: str, tmp_path: Path, gateways: list[Gateway]
 ) -> None:
-    """A probe that keeps its connection to /ready open (as load balancers do) asks again
-    after SIGTERM, while a stream still drains: it must hear 503 {"status": "draining"},
-    the answer the README promises "at once"."""
+    """With server.drain_grace_s, a probe that keeps its connection to /ready open (as load
+    balancers do) asks again after SIGTERM, while a stream still drains: it hears 503
+    {"status": "draining"} with Connection: close, and so does a probe on a new connection."""
     port = free_port()
-    gw = start(gateways, tmp_path, one_model(port, sim))
+    gw = start(gateways, tmp_path, one_model(port, sim, server="drain_grace_s: 1"))
     await gw.heard("READY", "1")
     async with aiohttp.ClientSession() as session:
         await until_ready(session, port)
@@ -840,6 +837,7 @@ async def test_a_load_balancer_probing_ready_on_a_kept_alive_connection_hears_dr
     assert (200, True) == (status, complete(body))
     assert answer.startswith(b"HTTP/1.1 503"), answer
     assert b'"draining"' in answer
+    assert b"connection: close" in answer.lower()
 
 
 async def test_drain_s_zero_cuts_what_is_left_and_exits_0_at_once(
