@@ -49,6 +49,7 @@ class ServerConfig(_Section, frozen=True):
     tls: TlsConfig | None = None
     max_body_mb: float = 32.0
     drain_s: float = 30.0
+    drain_grace_s: float = 0.0  # on SIGTERM: serve on this long (/ready 503) before closing
     access_log: bool = True
     # What a client without a key can hold open (docs/security.md).
     header_timeout_s: float = 10.0  # a new connection's first request head must arrive by then
@@ -285,6 +286,8 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
             for name in ("cert_file", "key_file")
             if not getattr(s.tls, name)
         )
+    if not (math.isfinite(s.drain_grace_s) and s.drain_grace_s >= 0):
+        errors.append("server.drain_grace_s: must be a number, 0 or more")
     errors.extend(
         f"timeouts.{name}: must be a positive number"
         for name in ("request_s", "max_request_s", "connect_s", "idle_s")
