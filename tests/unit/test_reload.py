@@ -100,3 +100,25 @@ async def test_successor_reads_keys_and_backend_secrets_from_the_environment() -
     assert "secret" == new.backends["c"].api_key
     for backend in [*new.backends.values(), *gone]:
         backend.close()
+
+
+async def test_a_setting_that_needs_no_new_connection_applies_to_the_same_backend() -> None:
+    """max_in_flight and kind change in place: the Backend (its in-flight count) and its
+    health stay; a health_path change keeps the Backend but starts its health afresh."""
+    old = state_of(load_config(OLD))
+    old.backends["a"].in_flight = 2
+    old.fleet["a"].probed_up = old.fleet["c"].probed_up = True
+    text = OLD.replace(
+        "a: {url: 'http://127.0.0.1:9001'}", "a: {url: 'http://127.0.0.1:9001', max_in_flight: 1}"
+    ).replace(
+        "c: {url: 'http://127.0.0.1:9003'}", "c: {url: 'http://127.0.0.1:9003', health_path: /h}"
+    )
+    new, gone = successor(old, load_config(text), {})
+    assert new.backends["a"] is old.backends["a"]
+    assert (1, 2) == (new.backends["a"].config.max_in_flight, new.backends["a"].in_flight)
+    assert new.fleet["a"] is old.fleet["a"]
+    assert new.backends["c"] is old.backends["c"]
+    assert not new.fleet["c"].probed_up
+    assert [] == gone
+    for backend in new.backends.values():
+        backend.close()
