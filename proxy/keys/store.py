@@ -57,14 +57,15 @@ class Store(Protocol):
         """Release connections and threads; the store is not used after."""
 
 
-async def open_store(location: str) -> Store:
+async def open_store(location: str, timeout_s: float | None = None) -> Store:
     """The store `auth.store` names, opened and checked (its schema made if it is new);
-    `StoreError` with one line saying why it cannot be used."""
+    `StoreError` with one line saying why it cannot be used. `timeout_s`: Redis's socket
+    timeouts (default: the gateway's tens of milliseconds)."""
     kind = store_kind(location)
     if kind == "redis":
-        from proxy.keys.redis_store import RedisStore  # imported only when configured
+        from proxy.keys.redis_store import TIMEOUT_S, RedisStore  # only when configured
 
-        return await RedisStore.open(location)
+        return await RedisStore.open(location, TIMEOUT_S if timeout_s is None else timeout_s)
     if kind == "sqlite":
         from proxy.keys.sqlite_store import SqliteStore
 
