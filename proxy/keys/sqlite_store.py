@@ -9,6 +9,8 @@ another process holds. WAL lets the workers read while one of them (or the CLI) 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -87,6 +89,8 @@ class SqliteStore:
     def _connect(self) -> None:
         if not Path(self.path).parent.is_dir():
             raise sqlite3.OperationalError(f"no such directory: {Path(self.path).parent}")
+        with contextlib.suppress(FileExistsError):  # a new store: the gateway's user's alone
+            os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
         try:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
