@@ -101,6 +101,16 @@ class RoutingConfig(_Section, frozen=True):
     load_factor: float = 1.25  # a replica takes a key while its load is within this x average
 
 
+StreamUsage = Literal["auto", "always", "never"]
+
+
+class UsageConfig(_Section, frozen=True):
+    """Usage of streams whose client did not ask for it, and per-key usage (README: Usage)."""
+
+    streams: StreamUsage = "auto"  # ask streams' backends for usage: auto = with a key store
+    flush_s: float = 5.0  # per-key usage is written to auth.store this often
+
+
 class BackendConfig(_Section, frozen=True):
     url: str
     kind: BackendKind = "openai"
@@ -111,6 +121,7 @@ class BackendConfig(_Section, frozen=True):
     health_path: str | None = None
     serves: tuple[OptionalApi, ...] | None = None
     ca_file: str | None = None  # PEM CA bundle for an https:// url (default: the system store)
+    stream_usage: bool = True  # takes stream_options.include_usage (false: never added for it)
 
 
 class TargetConfig(_Section, frozen=True):
@@ -139,6 +150,7 @@ class Config(_Section, frozen=True):
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     outlier_detection: OutlierConfig = msgspec.field(default_factory=OutlierConfig)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
     backends: dict[str, BackendConfig] = msgspec.field(default_factory=dict)
     models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
 
@@ -209,6 +221,7 @@ def _convert(raw: dict[str, Any], errors: list[str]) -> tuple[Config, frozenset[
         ("health", HealthConfig),
         ("outlier_detection", OutlierConfig),
         ("routing", RoutingConfig),
+        ("usage", UsageConfig),
     )
     for key, kind in singles:
         if key in raw:
@@ -320,6 +333,8 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
         errors.append("outlier_detection.max_ejection_s: must not be below base_ejection_s")
     if not (math.isfinite(r.load_factor) and r.load_factor > 1):
         errors.append("routing.load_factor: must be a number above 1")
+    if not _positive(config.usage.flush_s):
+        errors.append("usage.flush_s: must be a positive number")
     if t.head_s is not None and not _positive(t.head_s):
         errors.append("timeouts.head_s: must be a positive number")
     if t.request_s > t.max_request_s:

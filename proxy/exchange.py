@@ -35,6 +35,7 @@ class Exchange:
         "status",
         "stream_complete",
         "stream_error",
+        "strip_usage",
         "tries",
         "usage",
     )
@@ -54,6 +55,7 @@ class Exchange:
         self.bytes_out = 0
         self.events = 0
         self.usage: Usage | None = None
+        self.strip_usage = False  # the gateway asked this stream's backend for usage itself
         self.client_gone = False
         self.error_type: str | None = None
         self.stream_error: str | None = None  # the error type a begun response ended with

@@ -10,8 +10,17 @@ from aiohttp import web
 from proxy.errors import ProxyError, sse_error
 from proxy.exchange import Exchange
 from proxy.headers import downstream_headers, is_event_stream
+from proxy.stream_usage import USAGE_KEY, WHOLE_EVENTS, UsageFilter
 from proxy.upstream import Response
-from proxy.usage import TAIL_BYTES, carry_tail, count_events, ends_event, ends_stream, usage_in
+from proxy.usage import (
+    TAIL_BYTES,
+    carry_tail,
+    count_events,
+    ends_event,
+    ends_stream,
+    stream_usage,
+    usage_in,
+)
 
 # Bytes waiting for a slow client before the backend is paused, and resumed.
 _CLIENT_HIGH_WATER = 256 * 1024
@@ -63,6 +72,7 @@ class _Sink:
         "chunked",
         "clock",
         "events",
+        "first",
         "first_at",
         "first_loop_at",
         "gone",
@@ -88,7 +98,7 @@ class _Sink:
         self.first_at: float | None = None
         self.first_loop_at = 0.0
         self.events = self.nbytes = 0
-        self.tail = self.before_last = self.last = b""
+        self.tail = self.before_last = self.last = self.first = b""
         self.gone = self.paused = False
 
     def account(self, data: bytes) -> None:
@@ -96,6 +106,7 @@ class _Sink:
         if self.first_at is None:
             self.first_at = time.perf_counter()
             self.first_loop_at = self.clock()
+            self.first = data  # where a stream's opening event carries its prompt's count
         self.nbytes += len(data)
         if self.sse:
             self.events += count_events(data, self.tail)
@@ -117,6 +128,35 @@ class _Sink:
             self.upstream.pause_reading()
             self.upstream.wake()
 
+    def write_rest(self, data: bytes) -> None:
+        """Send what is left once the backend's body has ended (no backend to pause)."""
+        if data and not self.transport.is_closing():
+            self.account(data)
+            self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+
+
+class _FilteringSink(_Sink):
+    """A sink for a stream whose usage the gateway asked for: the usage-only event is taken
+    out on the way (`UsageFilter`); every other byte goes out as it arrives."""
+
+    __slots__ = ("filter",)
+
+    def __init__(
+        self, upstream: Response, transport: asyncio.Transport, chunked: bool, sse: bool
+    ) -> None:
+        super().__init__(upstream, transport, chunked, sse)
+        self.filter = UsageFilter()
+
+    def __call__(self, data: bytes) -> None:
+        usage = self.filter
+        # The filter's own first test, made here to spare a call for nearly every read.
+        if usage.held or usage.passing or USAGE_KEY in data or not data.endswith(WHOLE_EVENTS):
+            data = usage.feed(data)
+            if not data:  # held back (the start of what may be the usage event)
+                self.last_at = self.clock()  # the backend is alive all the same
+                return
+        _Sink.__call__(self, data)
+
 
 async def pump(
     request: web.Request,
@@ -137,12 +177,16 @@ async def pump(
         return False
     # aiohttp frames the body in chunks exactly when it announced so in the head it sent.
     chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
-    sink = _Sink(upstream, transport, chunked, ex.sse)
+    filtering = ex.sse and ex.strip_usage
+    sink = (_FilteringSink if filtering else _Sink)(upstream, transport, chunked, ex.sse)
     early = upstream.divert(sink)
     try:
         if early:  # arrived before the head went out: aiohttp sends both together
-            sink.account(early)
-            await response.write(early)
+            if isinstance(sink, _FilteringSink):
+                early = sink.filter.feed(early)
+            if early:
+                sink.account(early)
+            await response.write(early)  # b"": the head alone
         while not upstream.done:
             await upstream.wait(min(deadline, sink.last_at + idle_s))
             if sink.gone:
@@ -156,6 +200,10 @@ async def pump(
                 raise TimeoutError
     finally:
         upstream.undivert()
+        if isinstance(sink, _FilteringSink):
+            held = sink.filter.end()  # an unfinished event the body's end (or a cut) left
+            if not sink.gone:
+                sink.write_rest(held)
         if sink.first_at is not None and ex.first_byte_at is None:
             ex.first_byte_at = sink.first_at
         ex.bytes_out += sink.nbytes
@@ -163,7 +211,8 @@ async def pump(
         if sink.events > 1:
             ex.event_gap = (sink.last_at - sink.first_loop_at) / (sink.events - 1)
         tail = sink.before_last[-TAIL_BYTES:] + sink.last[-TAIL_BYTES:]
-        ex.usage = usage_in(tail)
+        taken = sink.filter.usage if isinstance(sink, _FilteringSink) else b""
+        ex.usage = stream_usage(sink.first, taken or tail) if ex.sse else usage_in(tail)
         ex.stream_complete = ex.sse and ends_stream(tail)
         ex.open_event = ex.sse and bool(tail) and not ends_event(tail)
     return await finish(response, ex)

@@ -24,6 +24,7 @@ from proxy.forward import exchange, try_plan
 from proxy.ratelimit import limited
 from proxy.routing import Plan, Target, plan
 from proxy.state import STATE, GatewayState
+from proxy.stream_usage import Edit, apply, options_span, request_edit
 from proxy.translated import Adapter, exchange_translated
 from proxy.upstream import Backend
 from proxy.view import decode_object, prompt_prefix, set_model
@@ -41,6 +42,7 @@ async def serve_model(
     adapter: Callable[[], Adapter] | None = None,
     force_model: bool = False,
     model_at: tuple[int, int] | None = None,
+    usage: Edit | None = None,
 ) -> web.StreamResponse:
     """Route `model`, then serve it from the first target that answers.
 
@@ -48,7 +50,8 @@ async def serve_model(
     is at `native_path`, with `model` set to the target's upstream id where it differs (or
     always, with `force_model`, for bodies addressed by endpoint rather than by model). The
     others get the `adapter`'s translation, or a 501 when there is none. `model_at` is the
-    span of `model` in the body when `peek` found it.
+    span of `model` in the body when `peek` found it; `usage`, the edit that asks a stream's
+    backend for usage, made for backends that take it (`stream_usage`).
     """
     state, ex, body = call.state, call.ex, call.body
     route = plan(state.config, model, state.known_models)
@@ -66,7 +69,14 @@ async def serve_model(
         nonlocal translation
         if native(backend):
             upstream_model = target.upstream_model or (model if force_model else None)
-            payload = body if upstream_model is None else set_model(body, upstream_model, model_at)
+            ex.strip_usage = usage is not None and backend.config.stream_usage
+            if ex.strip_usage:
+                assert usage is not None
+                payload = apply(body, usage, upstream_model, model_at)
+            elif upstream_model is not None:
+                payload = set_model(body, upstream_model, model_at)
+            else:
+                payload = body
             return await exchange(call, backend, native_path, payload, may_retry)
         assert adapter is not None  # `_only` left no target without the route
         if translation is None:
@@ -142,10 +152,12 @@ async def serve_openai(
     chat_template: bool = False,
     force_model: bool = False,
     model_at: tuple[int, int] | None = None,
+    options_at: tuple[int, int] | msgspec.UnsetType | None = msgspec.UNSET,
 ) -> web.StreamResponse:
     """An OpenAI-shaped request for `model` at `path`: forwarded as is where the backend
     serves the route, translated where it does not (Responses; a `chat_template`).
-    `model_at`: where `peek` found `model` in the body."""
+    `model_at`, `options_at`: where `peek` found `model` and `stream_options` in the body
+    (UNSET: not looked for)."""
     native_api: OptionalApi | None = None  # None: every backend serves the route
     adapter: Callable[[], Adapter] | None = None  # defined below for the routes that translate
     if path == EMBEDDINGS:
@@ -163,6 +175,10 @@ async def serve_openai(
         def adapter() -> Adapter:
             return ChatTemplateAdapter(decode_object(call.body))
 
+    usage = None
+    if call.stream and path in (CHAT, COMPLETIONS) and call.state.stream_usage:
+        at = options_span(call.body) if options_at is msgspec.UNSET else options_at
+        usage = request_edit(call.body, at)
     return await serve_model(
         call,
         model,
@@ -171,6 +187,7 @@ async def serve_openai(
         adapter=adapter,
         force_model=force_model,
         model_at=model_at,
+        usage=usage,
     )
 
 

@@ -18,6 +18,7 @@ from proxy.keys import ManagedKeys
 from proxy.listener import GuardedServer
 from proxy.metrics import Metrics
 from proxy.signals import Signals
+from proxy.stream_usage import asks_stream_usage
 from proxy.upstream import Backend
 
 
@@ -40,6 +41,7 @@ class GatewayState:
         self.rng = random.Random()  # noqa: S311  (load spreading, not security)
         self.started_at = int(time.time())
         self.open_paths = frozenset(config.auth.open_paths)
+        self.stream_usage = asks_stream_usage(config)  # usage.streams, in force for this config
         self.max_body = int(config.server.max_body_mb * 1024 * 1024)
         # Model ids the backends listed (no-models mode): the only ones used as metric labels.
         self.known_models: set[str] = set()

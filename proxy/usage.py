@@ -72,6 +72,23 @@ def ends_stream(tail: bytes) -> bool:
     return any(marker in last for marker in _END_MARKERS) and b"data:" in last
 
 
+def stream_usage(head: bytes, tail: bytes) -> Usage | None:
+    """A stream's token counts: its last `usage` (in `tail`), and the prompt's count from its
+    first one (in `head`, the first piece relayed) when the last has none, as in Anthropic's
+    stream, whose `message_start` carries `input_tokens` and `message_delta` the output's."""
+    last = usage_in(tail)
+    if last is not None and last.prompt:
+        return last
+    at = head.find(_USAGE, 0, TAIL_BYTES)
+    first = _PROMPT.search(head, at, at + _NEAR_USAGE) if at >= 0 else None
+    if first is None:
+        return last
+    return Usage(prompt=int(first.group(1)), completion=last.completion if last else 0)
+
+
+_NEAR_USAGE = 512  # bytes after a `usage` key in which its counts are looked for
+
+
 def usage_in(tail: bytes) -> Usage | None:
     """The token counts of the last `usage` object in the body's tail, if it has one."""
     at = tail.rfind(_USAGE)

@@ -23,6 +23,7 @@ class _Fields(msgspec.Struct, frozen=True):
     model: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     stream: object = False
     chat_template: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    stream_options: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
 class RequestView(msgspec.Struct, frozen=True):
@@ -32,6 +33,7 @@ class RequestView(msgspec.Struct, frozen=True):
     stream: bool
     chat_template: bool = False  # the body carries a `chat_template` to render
     model_at: tuple[int, int] | None = None  # the model value's byte span, for a rewrite
+    options_at: tuple[int, int] | None = None  # a stream's `stream_options` value's span
 
 
 class _InvocationFields(msgspec.Struct, frozen=True):
@@ -43,6 +45,7 @@ class _InvocationFields(msgspec.Struct, frozen=True):
     inputs: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     stream: object = False
     chat_template: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    stream_options: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
 class Invocation(msgspec.Struct, frozen=True):
@@ -51,6 +54,7 @@ class Invocation(msgspec.Struct, frozen=True):
     kind: str  # "chat", "completions", "embeddings" or "tgi" (TGI-style {"inputs": ...})
     stream: bool
     chat_template: bool = False
+    options_at: tuple[int, int] | None = None  # a stream's `stream_options` value's span
 
 
 _T = TypeVar("_T")
@@ -73,12 +77,27 @@ def peek(body: bytes) -> RequestView:
         raise InvalidRequest("'model' must be a non-empty string")
     start = _address(view.model) - _address(body)
     _refuse_a_second_model(body, start)
+    stream = _stream_flag(view.stream)
     return RequestView(
         model=model,
-        stream=_stream_flag(view.stream),
+        stream=stream,
         chat_template=view.chat_template is not msgspec.UNSET,
         model_at=(start, start + len(view.model)),
+        options_at=_options_at(body, view.stream_options) if stream else None,
     )
+
+
+def _options_at(body: bytes, value: msgspec.Raw | msgspec.UnsetType) -> tuple[int, int] | None:
+    return None if value is msgspec.UNSET else raw_span(body, value)
+
+
+def raw_span(body: bytes, value: msgspec.Raw) -> tuple[int, int]:
+    """Where a `Raw` decoded from `body` lies in it (msgspec's Raw points into its input)."""
+    start = _address(value) - _address(body)
+    end = start + len(value)
+    if not (start >= 0 and end <= len(body) and memoryview(body)[start:end] == memoryview(value)):
+        raise AssertionError("msgspec.Raw no longer points into the decoded body")
+    return start, end
 
 
 def _stream_flag(value: object) -> bool:
@@ -95,10 +114,11 @@ def peek_invocation(body: bytes) -> Invocation:
     fields = _decode(_INVOCATION, body)
     stream = _stream_flag(fields.stream)
     template = fields.chat_template is not msgspec.UNSET
+    options = _options_at(body, fields.stream_options) if stream else None
     if fields.messages is not msgspec.UNSET:
-        return Invocation("chat", stream, template)
+        return Invocation("chat", stream, template, options)
     if fields.prompt is not msgspec.UNSET:
-        return Invocation("completions", stream)
+        return Invocation("completions", stream, options_at=options)
     if fields.input is not msgspec.UNSET:
         return Invocation("embeddings", stream)
     if fields.inputs is not msgspec.UNSET:

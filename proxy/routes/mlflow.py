@@ -89,5 +89,10 @@ async def invocations(request: web.Request) -> web.StreamResponse:
             "or 'input' (embeddings)"
         )
     return await serve_openai(
-        call, path, endpoint, chat_template=kind.chat_template, force_model=True
+        call,
+        path,
+        endpoint,
+        chat_template=kind.chat_template,
+        force_model=True,
+        options_at=kind.options_at,
     )

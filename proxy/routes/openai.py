@@ -48,6 +48,7 @@ def openai_route(path: str) -> Handler:
             view.model,
             chat_template=view.chat_template,
             model_at=view.model_at,
+            options_at=view.options_at,
         )
 
     return handle
