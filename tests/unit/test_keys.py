@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hmac
 import re
 from datetime import UTC, datetime
 
@@ -56,6 +57,16 @@ def test_secret_shape() -> None:
         assert 32 == len(base64.urlsafe_b64decode(secret[4:] + "="))
         assert secret.startswith(shown_prefix(secret))
         assert 10 == len(shown_prefix(secret))
+
+
+@pytest.mark.parametrize(
+    "key", [b"", b"k", b"inference-proxy managed key v1", b"x" * 64, b"y" * 200]
+)
+def test_hasher_is_hmac_sha256(key: bytes) -> None:
+    """The precomputed HMAC is RFC 2104's, as the standard library computes it."""
+    for secret in (new_secret(), "", "é\udcff", "a" * 1000):
+        expected = hmac.digest(key, secret.encode("utf-8", "surrogateescape"), "sha256")
+        assert expected == Hasher(key).digest(secret)
 
 
 def test_record_holds_only_the_keyed_hash() -> None:
