@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 BACKEND_PORT ?= 8001
 
-.PHONY: install run test unit lint format typecheck bench bench-fleet soak real-backend lock lowest clean
+.PHONY: install run test unit lint format typecheck bench bench-fleet bench-workers soak real-backend lock lowest clean
 .PHONY: install-service uninstall-service
 
 # Dependencies come from the lock files in requirements/ (exact versions and hashes, made by
@@ -76,6 +76,11 @@ bench: install
 bench-fleet: install
 	bash bench/ensure_tools.sh
 	$(BIN)/python -m bench.fleet
+
+## Issue 10's figures: req/s and p99 through 1 worker against 2, the /metrics scrape (~4 minutes).
+bench-workers: install
+	bash bench/ensure_tools.sh
+	$(BIN)/python -m bench.workers
 
 ## Build llama.cpp's llama-server and the Gemma 3 270M model once (a no-op when up to date).
 real-backend:

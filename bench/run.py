@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import profile as profiling
-from bench import report
+from bench import report, sections
 from bench.fleetreport import keep_section
 from bench.nginx import nginx_binary, start_nginx
 from bench.plot import plot_ttfe
@@ -319,7 +319,9 @@ def finish(suite: Suite, args: argparse.Namespace, argv: list[str] | None) -> in
             shutil.copyfile(png, ROOT / "bench" / plot_name)
         text = report.results_markdown(results, rows, plot_name)
         results_md = ROOT / "bench" / "RESULTS.md"
-        results_md.write_text(keep_section(results_md, text))  # make bench-fleet's section stays
+        # The sections that make bench-fleet and make bench-workers write stay as they are.
+        kept = sections.keep(results_md, keep_section(results_md, text), ("Workers",))
+        results_md.write_text(kept)
     print(f"\nwrote {args.out / 'results.json'}" + (f", {png}" if png else ""))
     print(f"logs of the processes under test: {suite.work}")
     for path, reason in results["unavailable"].items():
