@@ -71,7 +71,7 @@ class Grant:
         self.rules = rules
         self.member = member  # its id in the Redis in-flight sets
         self.shared = shared  # charged in Redis (else in this process)
-        self.degraded = degraded  # charged here because Redis was away
+        self.degraded = degraded  # charged here while Redis was away: Redis learns it later
 
 
 class Limiter:
@@ -103,6 +103,12 @@ class Limiter:
         self._host = secrets.token_hex(6)
         self._ids = itertools.count()
         self._checks = 0
+        self._sending = 0  # settlement batches on their way to Redis
+
+    @property
+    def settled(self) -> bool:
+        """Nothing is waiting to be sent to Redis, nor on its way (for tests and drains)."""
+        return not self.pending and not self._sending
 
     @property
     def degraded(self) -> bool:
@@ -118,8 +124,13 @@ class Limiter:
         body_bytes: int,
         ttl_s: float,
     ) -> tuple[Verdict, Grant] | None:
-        """Check a request against its limits (None: no limit applies to it)."""
-        if self.store is not None and self.breaker.closed:
+        """Check a request against its limits (None: no limit applies to it).
+
+        A check that fails while the breaker is still closed is decided here instead, and not
+        charged to Redis later: it most likely reached Redis, which counted it.
+        """
+        resync = self.store is not None and not self.breaker.closed
+        if not resync and self.store is not None:
             rules = rules_for(key, key_limits, model, model_limits, body_bytes)
             if not rules:
                 return None
@@ -132,8 +143,7 @@ class Limiter:
             else:
                 self.breaker.succeeded()
                 return verdict, Grant(rules, member, shared=True, degraded=False)
-        degraded = self.store is not None
-        share = self.degraded_share if degraded else self.local_share
+        share = self.local_share if self.store is None else self.degraded_share
         rules = rules_for(key, key_limits, model, model_limits, body_bytes, share)
         if not rules:
             return None
@@ -142,11 +152,11 @@ class Limiter:
         self._checks += 1
         if self._checks % PRUNE_EVERY == 0:
             self.local.prune(now)
-        if verdict.allowed and degraded:
+        if verdict.allowed and resync:
             for rule in rules:
                 if rule.kind != "in_flight":
                     self._charge_shared(rule, rule.cost)
-        return verdict, Grant(rules, "", shared=False, degraded=degraded)
+        return verdict, Grant(rules, "", shared=False, degraded=resync)
 
     def settle(self, grant: Grant, usage: Usage | None, answered: bool) -> None:
         """The request ended: free its slots in flight, and correct its token estimate by what
@@ -209,8 +219,8 @@ class Limiter:
             yield
             return
         try:
-            async with asyncio.timeout(max(self.timeout_s, 1.0)):  # a first connect may be slow
-                await self.store.ping()
+            async with asyncio.timeout(max(self.timeout_s, 2.0)):  # not on a request's path
+                await self.store.warm()
         except STORE_ERRORS as exc:
             if self.metrics is not None:
                 self.metrics.store_errors["probe"] += 1
@@ -236,9 +246,13 @@ class Limiter:
 
     async def _send(self, ops: list[Adjust | Leave]) -> None:
         assert self.store is not None
-        for start in range(0, len(ops), BATCH):
-            async with asyncio.timeout(self.timeout_s):
-                await self.store.settle(ops[start : start + BATCH])
+        self._sending += 1
+        try:
+            for start in range(0, len(ops), BATCH):
+                async with asyncio.timeout(self.timeout_s):
+                    await self.store.settle(ops[start : start + BATCH])
+        finally:
+            self._sending -= 1
 
     async def _flushing(self) -> None:
         """Send queued settlements while the breaker is closed."""

@@ -18,6 +18,7 @@ of a script in one slot) is not supported: use one primary (with replicas for fa
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -141,8 +142,6 @@ def connect(url: str, timeout_s: float) -> Redis:
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         retry_on_timeout=False,
-        lib_name=None,
-        lib_version=None,
     )
 
 
@@ -194,8 +193,15 @@ class RedisLimits:
         await self._settle(keys=keys, args=args)
 
     async def ping(self) -> None:
-        """Raise unless Redis answers (and runs scripts: a replica that is read-only would not)."""
+        """Raise unless Redis answers."""
         await self.client.ping()
+
+    async def warm(self, connections: int = 8) -> None:
+        """Load the scripts and open a few connections, so that the first burst of requests
+        neither meets NOSCRIPT nor waits for connections to open."""
+        await asyncio.gather(*(self.client.ping() for _ in range(connections)))
+        for script in (self._check, self._settle):
+            script.sha = await self.client.script_load(script.script)
 
     async def close(self) -> None:
         await self.client.aclose()
