@@ -11,6 +11,7 @@ from typing import BinaryIO
 from aiohttp import web
 
 from proxy.accesslog import AccessLog
+from proxy.accounting import UsageTally, flushing
 from proxy.auth import KeySet
 from proxy.config import Config
 from proxy.health import health_checks
@@ -52,6 +53,10 @@ def create_app(
     if config.auth.store is not None:  # opened first at start: no store, no serving
         managed = live.state.managed = managed_keys(config.auth, env)
         app.cleanup_ctx.append(lambda _app: managed.serving())
+        tally = live.state.usage_tally = UsageTally()  # per-key usage, written in batches
+        app.cleanup_ctx.append(
+            flushing(tally, lambda: managed.store, lambda: live.state.config.usage.flush_s)
+        )
     live.state.admin = admin_digest(config.auth, keys, env)
 
     async def backends(app: web.Application) -> AsyncIterator[None]:

@@ -27,7 +27,7 @@ from proxy.errors import (
     envelope,
     error_headers,
 )
-from proxy.exchange import ClientGone, Exchange, disconnect_phase
+from proxy.exchange import NO_BACKEND, ClientGone, Exchange, disconnect_phase
 from proxy.headers import REQUEST_ID
 from proxy.listener import BAD_VERSION, EXPECT
 from proxy.state import LIVE, STATE, GatewayState
@@ -208,3 +208,6 @@ def _account(state: GatewayState, ex: Exchange, finished: float, left: str | Non
     if ex.usage is not None:
         m.tokens[model, "prompt"] += ex.usage.prompt
         m.tokens[model, "completion"] += ex.usage.completion
+    tally = state.usage_tally  # per-key usage (with a key store): what reached a backend
+    if tally is not None and ex.principal is not None and ex.backend != NO_BACKEND:
+        tally.add(ex.principal.key_id, model, ex.usage, time.time())

@@ -105,6 +105,7 @@ def successor(
     new.clients, new.admission, new.rng = old.clients, old.admission, old.rng
     new.started_at, new.known_models = old.started_at, old.known_models
     new.managed, new.admin = old.managed, old.admin  # auth.store: a change waits for a restart
+    new.usage_tally = old.usage_tally  # usage not yet written goes on being summed
     for name, backend_config in config.backends.items():
         kept = old.backends.get(name)
         if kept is not None and _pool_key(old.config, name) == _pool_key(config, name):

@@ -10,6 +10,7 @@ import time
 from aiohttp import web
 
 from proxy.accesslog import AccessLog
+from proxy.accounting import UsageTally
 from proxy.admission import Admission
 from proxy.auth import KeySet
 from proxy.config import Config
@@ -55,6 +56,8 @@ class GatewayState:
         self.signals: dict[str, Signals] = {}
         # Managed keys (auth.store), in memory and kept fresh; None when no store is set.
         self.managed: ManagedKeys | None = None
+        # Per-key usage until it is written to that store; None when there is no store.
+        self.usage_tally: UsageTally | None = None
         # SHA-256 of the admin key (auth.admin_key_env); None: the admin API is off (404).
         self.admin: bytes | None = None
         # Requests that began on this state and have not ended (a reload retires the old

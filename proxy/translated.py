@@ -33,7 +33,7 @@ from proxy.headers import REQUEST_ID
 from proxy.relay import finish
 from proxy.translate.chat_stream import ChatStreamParser
 from proxy.upstream import Backend, Response
-from proxy.usage import TAIL_BYTES, usage_in
+from proxy.usage import TAIL_BYTES, Usage, usage_in, usage_of
 
 _MAX_ANSWER = 64 * 1024 * 1024
 _SSE_HEADERS = {
@@ -142,6 +142,7 @@ async def _pump(
     before_last = last = b""
     first_write_at = last_write_at = 0.0
     done = False
+    seen: Usage | None = None  # the last usage an event carried (the parser decoded each)
     try:
         while not done:
             chunk = await upstream.read_chunk()
@@ -154,6 +155,7 @@ async def _pump(
                 if event is None:
                     done = True
                     break
+                seen = usage_of(event) or seen
                 out.append(translator.feed(event))
             if not chunk or done:
                 out.append(translator.finish())
@@ -173,7 +175,7 @@ async def _pump(
             ex.stream_complete = done  # the last event went out
             timer.reschedule(min(deadline, loop.time() + idle_s))
     finally:
-        ex.usage = usage_in(before_last[-TAIL_BYTES:] + last[-TAIL_BYTES:])
+        ex.usage = seen or usage_in(before_last[-TAIL_BYTES:] + last[-TAIL_BYTES:])
         if ex.events > 1:
             ex.event_gap = (last_write_at - first_write_at) / (ex.events - 1)
     return await finish(response, ex)

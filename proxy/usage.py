@@ -72,6 +72,20 @@ def ends_stream(tail: bytes) -> bool:
     return any(marker in last for marker in _END_MARKERS) and b"data:" in last
 
 
+def usage_of(event: dict[str, object]) -> Usage | None:
+    """The token counts of a decoded chat chunk's `usage` object, if it has one."""
+    usage = event.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return Usage(
+        prompt=prompt if isinstance(prompt, int) and not isinstance(prompt, bool) else 0,
+        completion=(
+            completion if isinstance(completion, int) and not isinstance(completion, bool) else 0
+        ),
+    )
+
+
 def stream_usage(head: bytes, tail: bytes) -> Usage | None:
     """A stream's token counts: its last `usage` (in `tail`), and the prompt's count from its
     first one (in `head`, the first piece relayed) when the last has none, as in Anthropic's

@@ -161,7 +161,9 @@ def test_splice_keeps_every_other_byte() -> None:
 OBJECT_KEYS = st.sampled_from(["messages", "max_tokens", "n", "temperature", "x", "tools"])
 VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=6),
-    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3),
+    lambda kids: (
+        st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3)
+    ),
     max_leaves=8,
 )
 OPTIONS = st.sampled_from(
@@ -267,7 +269,10 @@ def every_split(stream: bytes) -> list[list[bytes]]:
         (HEAD + USAGE_EVENT + DONE, HEAD + DONE),
         (HEAD + USAGE_EVENT, HEAD),  # a backend that sends no [DONE]
         (HEAD + LLAMA_USAGE_EVENT + DONE, HEAD + DONE),
-        ((HEAD + USAGE_EVENT + DONE).replace(b"\n", b"\r\n"), (HEAD + DONE).replace(b"\n", b"\r\n")),
+        (
+            (HEAD + USAGE_EVENT + DONE).replace(b"\n", b"\r\n"),
+            (HEAD + DONE).replace(b"\n", b"\r\n"),
+        ),
         (HEAD + b"\n" + USAGE_EVENT + b"\n" + DONE, HEAD + b"\n" + b"\n" + DONE),
         (HEAD + b": keep-alive\n\n" + USAGE_EVENT + DONE, HEAD + b": keep-alive\n\n" + DONE),
         (HEAD + USAGE_EVENT[:-2], HEAD),  # the body ends inside it: a client would drop it too
