@@ -51,9 +51,13 @@ _OPEN = re.compile(rb"[ \t\r\n]*\{[ \t\r\n]*(\}?)")
 
 def asks_stream_usage(config: Config) -> bool:
     """Whether this gateway asks streams' backends for usage (`usage.streams`): always, never,
-    or (auto) when per-key accounting or limits need the counts, that is with a key store."""
+    or (auto) where the counts are needed: per-key accounting and per-key limits (a key store),
+    or a tokens-per-minute limit (`auth.default_limits`, `models.NAME.limits`)."""
     mode = config.usage.streams
-    return mode == "always" or (mode == "auto" and config.auth.store is not None)
+    if mode != "auto":
+        return mode == "always"
+    limits = [config.auth.default_limits, *(m.limits for m in config.models.values())]
+    return config.auth.store is not None or any(x is not None and x.tpm for x in limits)
 
 
 def options_span(body: bytes) -> tuple[int, int] | None:

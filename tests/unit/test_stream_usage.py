@@ -208,14 +208,19 @@ def test_any_body_that_did_not_ask_then_asks(
 
 
 def test_the_mode_decides_per_config() -> None:
-    """auto asks only with a key store (accounting, per-key limits); always and never say so."""
+    """auto asks where the counts are needed (a key store, a tpm limit); always and never do
+    as they say."""
 
     def mode(text: str) -> bool:
         return asks_stream_usage(load_config("backends: {b: {url: 'http://127.0.0.1:1'}}\n" + text))
 
-    assert [False, True, True, False] == [
+    model = "models: {m: {targets: [{backend: b}], limits: {%s: 5}}}"
+    assert [False, True, True, True, False, True, False] == [
         mode(""),
         mode("auth: {store: /tmp/keys.db}"),
+        mode("auth: {default_limits: {tpm: 1000}}"),
+        mode(model % "tpm"),
+        mode(model % "rpm"),  # requests are counted without usage
         mode("usage: {streams: always}"),
         mode("usage: {streams: never}\nauth: {store: /tmp/keys.db}"),
     ]
