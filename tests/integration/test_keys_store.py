@@ -28,12 +28,16 @@ HASHER = Hasher()
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """A fresh store of each kind."""
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A SQLite file, or a redis-server of the test's own."""
     if request.param == "sqlite":
-        location = str(tmp_path / "keys.db")
-    else:
-        location = request.getfixturevalue("redis_server").url
+        return str(tmp_path / "keys.db")
+    return str(request.getfixturevalue("redis_server").url)
+
+
+@pytest.fixture
+async def store(location: str) -> AsyncIterator[Store]:
+    """A fresh store of each kind."""
     opened = await open_store(location)
     yield opened
     await opened.close()
@@ -59,13 +63,18 @@ async def test_create_list_revoke(store: Store) -> None:
     assert secret not in repr(records)
 
 
-async def test_two_creates_with_one_name(store: Store) -> None:
-    """Of two creates with one name, run at once, exactly one succeeds; the other is KeyExists."""
+async def test_two_creates_with_one_name(store: Store, location: str) -> None:
+    """Of two creates with one name, run at once through two handles (two connections, as two
+    processes would have), exactly one succeeds; the other is KeyExists."""
+    other = await open_store(location)
     _, first = new_key("dup", HASHER, NOW)
     _, second = new_key("dup", HASHER, NOW)
-    results = await asyncio.gather(
-        store.create(first), store.create(second), return_exceptions=True
-    )
+    try:
+        results = await asyncio.gather(
+            store.create(first), other.create(second), return_exceptions=True
+        )
+    finally:
+        await other.close()
     assert 1 == sum(r is None for r in results)
     assert 1 == sum(isinstance(r, KeyExists) for r in results)
     assert 1 == len(await store.list())
