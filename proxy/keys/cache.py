@@ -28,10 +28,17 @@ LOG_EVERY_S = 30.0
 class ManagedKeys:
     """The managed keys in force, by the HMAC digest of their secret."""
 
-    def __init__(self, location: str, hasher: Hasher, poll_s: float = POLL_S) -> None:
+    def __init__(
+        self,
+        location: str,
+        hasher: Hasher,
+        poll_s: float = POLL_S,
+        timeout_s: float | None = None,
+    ) -> None:
         self.location = location
         self.hasher = hasher
         self.poll_s = poll_s
+        self.timeout_s = timeout_s  # Redis's socket timeouts (None: the store's default)
         self.store: Store | None = None  # open from `start` on
         self.version: int | None = None  # the store's version the map was read at
         self.by_digest: dict[bytes, KeyRecord] = {}
@@ -69,7 +76,7 @@ class ManagedKeys:
 
     async def start(self) -> None:
         """Open the store and read every key; `StoreError` when either fails."""
-        self.store = await open_store(self.location)
+        self.store = await open_store(self.location, self.timeout_s)
         try:
             self.replace(*await self.store.snapshot())
         except StoreError:

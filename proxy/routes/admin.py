@@ -60,7 +60,8 @@ def managed_keys(auth: AuthConfig, environ: Mapping[str, str]) -> ManagedKeys:
     """The cache for `auth.store` (opened at start); ConfigError for a bad hash key."""
     assert auth.store is not None
     try:
-        return ManagedKeys(auth.store, hasher_for(auth.hash_key_env, environ))
+        hasher = hasher_for(auth.hash_key_env, environ)
+        return ManagedKeys(auth.store, hasher, timeout_s=auth.redis_timeout_s)
     except ValueError as exc:
         raise ConfigError([str(exc)]) from None
 
