@@ -65,7 +65,10 @@ class ManagedKeys:
                 self.version,
                 version,
             )
-        self.by_digest = {bytes.fromhex(r.hash): r for r in records}
+        try:
+            self.by_digest = {bytes.fromhex(r.hash): r for r in records}
+        except ValueError as exc:
+            raise StoreError(f"key store {self.location_shown}: a key's hash is damaged") from exc
         self.version = version
 
     @property
@@ -150,6 +153,7 @@ class ManagedKeys:
         `cleanup_ctx` of the app)."""
         await self.start()
         task = asyncio.create_task(self.run(), name="managed-keys")
+        task.add_done_callback(_stopped)
         try:
             yield
         finally:
@@ -167,3 +171,11 @@ class ManagedKeys:
         self.used = {}
         await self.store.close()
         self.store = None
+
+
+def _stopped(task: asyncio.Task[None]) -> None:
+    """A refresh task that ended other than by cancelling is a bug: say so, loudly."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.error(
+            "managed keys: the refresh task stopped; keys are no longer updated", exc_info=exc
+        )

@@ -57,6 +57,13 @@ _decode_record = msgspec.json.Decoder(KeyRecord)
 _decode_field = msgspec.json.Decoder(tuple[str, str, str])
 
 
+def _decode(value: bytes) -> KeyRecord:
+    try:
+        return _decode_record.decode(value)
+    except msgspec.DecodeError as exc:
+        raise StoreError(f"Redis store: a record under {KEYS} is damaged: {exc}") from exc
+
+
 class RedisStore:
     """Keys and usage in Redis (see the module's docstring)."""
 
@@ -111,7 +118,7 @@ class RedisStore:
         pipe.hgetall(LAST_USED)
         values, used = await self._call(pipe.execute())
         at = {name.decode(): float(when) for name, when in used.items()}
-        records = [_decode_record.decode(v) for v in values]
+        records = [_decode(v) for v in values]
         return sorted(
             (msgspec.structs.replace(r, last_used=at.get(r.name)) for r in records),
             key=lambda r: r.name,
@@ -122,7 +129,7 @@ class RedisStore:
             value = await self._call(cast(Awaitable[bytes | None], self.redis.hget(KEYS, name)))
             if value is None:
                 raise NoSuchKey(f"no key named '{name}'")
-            record = _decode_record.decode(value)
+            record = _decode(value)
             if record.revoked is not None:
                 return record
             revoked = msgspec.structs.replace(record, revoked=now)
@@ -137,7 +144,7 @@ class RedisStore:
 
     async def snapshot(self) -> tuple[int, Records]:
         version, values = await self._call(self._snapshot(keys=[KEYS, VERSION]))
-        return int(version), [_decode_record.decode(v) for v in values]
+        return int(version), [_decode(v) for v in values]
 
     async def touch(self, used: dict[str, float]) -> None:
         if used:

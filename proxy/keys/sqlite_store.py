@@ -85,6 +85,10 @@ class SqliteStore:
             return await loop.run_in_executor(self._thread, fn, *args)
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite store {self.path}: {_reason(exc)}") from exc
+        except ValueError as exc:  # a row that does not decode (msgspec's errors are these)
+            raise StoreError(
+                f"SQLite store {self.path}: a stored record is damaged: {exc}"
+            ) from exc
 
     def _connect(self) -> None:
         if not Path(self.path).parent.is_dir():

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from proxy.config import load_config
-from proxy.keys import Hasher, KeyRecord, Store, new_key, open_store
+from proxy.keys import Hasher, KeyRecord, ManagedKeys, Store, StoreError, new_key, open_store
 from proxy.reload import apply
 from proxy.state import LIVE
 from tests.conftest import Gateway, one_backend
@@ -369,3 +369,24 @@ async def test_no_secret_in_logs_or_metrics(
         assert secret not in text
         assert secret[4:20] not in text
     assert "direct" in b"\n".join(gw.access_lines()).decode()  # the name is logged instead
+
+
+async def test_a_damaged_record_keeps_the_last_keys(
+    gateway_factory: Factory, upstream, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A record in the store that does not decode: the keys last read stay in force and the
+    log says the store is damaged; opening such a store at start is a StoreError."""
+    store = await open_store(redis_server.url)
+    secret, _ = await create(store, "fine")
+    gw = await gateway_factory(config(upstream.url, redis_server.url))
+    client = store.redis  # type: ignore[attr-defined]
+    await client.hset("ipx:keys", "broken", b"{not json")
+    await client.incr("ipx:version")
+    with caplog.at_level(logging.ERROR, "proxy"):
+        await asyncio.sleep(0.6)
+        assert 200 == (await post(gw.url, secret))[0]
+    assert "is damaged" in caplog.text
+    managed = ManagedKeys(redis_server.url, Hasher())
+    with pytest.raises(StoreError, match="is damaged"):
+        await managed.start()
+    await store.close()
