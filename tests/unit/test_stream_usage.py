@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.config import load_config
+from proxy.config import UsageConfig, load_config
 from proxy.stream_usage import (
     ASK,
     HOLD_BYTES,
@@ -429,3 +430,10 @@ def test_anthropic_prompt_count_comes_from_message_start() -> None:
 def test_ask_is_what_the_docs_say() -> None:
     """The field added to a body that has none (README, docs/protocols.md)."""
     assert {"stream_options": {"include_usage": True}} == orjson.loads(b"{" + ASK[:-1] + b"}")
+
+
+def test_conf_proxy_yaml_shows_the_usage_defaults() -> None:
+    """conf/proxy.yaml's usage section is the defaults, and its backend asks for usage."""
+    config = load_config((Path(__file__).parents[2] / "conf" / "proxy.yaml").read_bytes())
+    assert UsageConfig() == config.usage
+    assert all(b.stream_usage for b in config.backends.values())
