@@ -141,9 +141,15 @@ def _input_image(items: object) -> str | None:
 
 
 class _CompletionAsChatStream:
-    """Text-completion chunks re-dressed as chat chunks, in OpenAI's SSE framing."""
+    """Text-completion chunks re-dressed as chat chunks, in OpenAI's SSE framing; the
+    usage-only chunk only for a client that asked for it."""
+
+    def __init__(self, usage_chunk: bool) -> None:
+        self.usage_chunk = usage_chunk
 
     def feed(self, chunk: dict[str, object]) -> bytes:
+        if not self.usage_chunk and chunk.get("choices") == [] and "usage" in chunk:
+            return b""  # the answer to the gateway's own question (usage.streams)
         return b"data: " + orjson.dumps(oicm.completion_chunk_to_chat_chunk(chunk)) + b"\n\n"
 
     def finish(self) -> bytes:
@@ -161,15 +167,23 @@ class ChatTemplateAdapter:
     def __init__(self, body: dict[str, object]) -> None:
         self.body = body
         self.stream = body.get("stream") is True
+        options = body.get("stream_options")
+        self.options = options if isinstance(options, dict) else {}
+        self.asked = self.options.get("include_usage") is True  # the client wants the chunk
 
     def chat_request(self, upstream_model: str) -> dict[str, object]:
-        return oicm.chat_template_to_completion_request(self.body, upstream_model=upstream_model)
+        completion = oicm.chat_template_to_completion_request(
+            self.body, upstream_model=upstream_model
+        )
+        if self.stream:  # a translated stream always asks, as the other translations do
+            completion["stream_options"] = {**self.options, "include_usage": True}
+        return completion
 
     def answer(self, chat: object) -> dict[str, object]:
         return oicm.completion_to_chat(chat)
 
     def stream_translator(self) -> StreamTranslator:
-        return _CompletionAsChatStream()
+        return _CompletionAsChatStream(usage_chunk=self.asked)
 
     def stream_failed(self, err: ProxyError) -> bytes:
         return sse_error(err)

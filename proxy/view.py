@@ -1,7 +1,8 @@
 """The routing view of a request body: `model` and `stream`, and nothing else.
 
 The body itself is forwarded as received; only `model` may be rewritten, in place, by
-`replace_model`, which touches the bytes of that one value. Every pass over a body is made by
+`replace_model`, which touches the bytes of that one value (and a stream's `stream_options`,
+at the span `peek` finds, by proxy/stream_usage.py). Every pass over a body is made by
 msgspec, in C, whatever the body holds (no Python loop over its tokens).
 """
 

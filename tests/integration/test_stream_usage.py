@@ -418,3 +418,26 @@ async def test_usage_left_in_memory_is_written_at_stop(
     assert [("key-0", "m", 1, 5, 2)] == [
         (r.key, r.model, r.requests, r.prompt_tokens, r.completion_tokens) for r in rows
     ]
+
+
+async def test_a_rendered_chat_template_stream_asks_and_hides_the_answer(
+    gateway_factory: Factory, upstream: Upstream
+) -> None:
+    """A chat request with chat_template, rendered by the gateway into /v1/completions for a
+    backend that does not take the field, asks for usage; the client gets chat chunks only."""
+    upstream.script["/v1/completions"] = honest()
+    gw = await gateway_factory(config(upstream.url, "", "kind: llamacpp"))
+    body = orjson.dumps(
+        {
+            "model": "m",
+            "stream": True,
+            "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}",
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+    )
+    status, got = await post(gw.url, body, "/models/m/proxy/v1/chat/completions")
+    assert 200 == status
+    assert {"include_usage": True} == orjson.loads(upstream.last.body)["stream_options"]
+    assert b'"choices":[]' not in got
+    assert got.endswith(b"data: [DONE]\n\n")
+    assert (PROMPT, COMPLETION) == await tokens(gw)
