@@ -39,7 +39,7 @@ from bench import sections, workersreport
 from bench.aio import run
 from bench.nginx import nginx_binary
 from bench.processes import Service, free_port, start, stop
-from bench.procstat import CLOCK_TICKS, cpu_seconds, cpu_times, tree
+from bench.procstat import CLOCK_TICKS, cpu_seconds, tree
 from bench.scrape import all_answer
 from bench.streamload import chat_body, raise_nofile_limit
 from bench.wrk import run_wrk
@@ -115,12 +115,24 @@ def gateway_yaml(backend_port: int, workers: int) -> str:
 
 
 # -- one measured window --------------------------------------------------------------------
+def machine_seconds() -> tuple[float, float]:
+    """Every CPU's busy seconds so far, steal left out, and the steal seconds (/proc/stat).
+
+    Steal is time the hypervisor gave this VM's CPUs to someone else: not work on this machine,
+    but time our processes could not run, so it is counted apart.
+    """
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS, steal / CLOCK_TICKS
+
+
 class Window:
     """CPU used during the `with` block: the gateway (each process), the backend, wrk, the rest.
 
     Every figure is in cores (CPU seconds / wall seconds). wrk's is this process's children's
     rusage (wrk is the only child that ends inside the window); "other" is every CPU's busy time
-    from /proc/stat less all of ours: other work on the machine shows there.
+    from /proc/stat (steal left out) less all of ours: other work on the machine shows there;
+    "steal" is the hypervisor's.
     """
 
     def __init__(self, gateway_pid: int, backend_pid: int) -> None:
@@ -129,15 +141,14 @@ class Window:
         self.pids = [p for p in tree(gateway_pid) if p != gateway_pid] or [gateway_pid]
         self.cores: dict[str, Any] = {}
 
-    def _read(self) -> tuple[float, dict[int, float], float, float, float]:
+    def _read(self) -> tuple[float, dict[int, float], float, float, tuple[float, float]]:
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        busy = sum(b for b, _ in cpu_times().values()) / CLOCK_TICKS
         return (
             time.perf_counter(),
             {p: cpu_seconds(p) for p in {self.gateway_pid, *self.pids}},
             cpu_seconds(self.backend_pid),
             usage.ru_utime + usage.ru_stime,
-            busy,
+            machine_seconds(),
         )
 
     def __enter__(self) -> Window:
@@ -145,8 +156,8 @@ class Window:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        t1, gw1, be1, wrk1, busy1 = self._read()
-        t0, gw0, be0, wrk0, busy0 = self._before
+        t1, gw1, be1, wrk1, (busy1, steal1) = self._read()
+        t0, gw0, be0, wrk0, (busy0, steal0) = self._before
         wall = t1 - t0
         gateway = (gw1[self.gateway_pid] - gw0[self.gateway_pid]) / wall  # the whole tree
         per_worker = [round((gw1[p] - gw0[p]) / wall, 2) for p in self.pids]
@@ -157,6 +168,7 @@ class Window:
             "backend": round(backend, 2),
             "wrk": round(wrk, 2),
             "other": round(max(0.0, (busy1 - busy0) / wall - gateway - backend - wrk), 2),
+            "steal": round((steal1 - steal0) / wall, 2),
             "wall_s": round(wall, 2),
         }
 
@@ -215,11 +227,11 @@ def shape_part(shape: str, settings: Settings, work: Path, nofile: int) -> dict[
 
 
 # -- the scrape (bench/scrape.py, as it is) -------------------------------------------------
-def _busy_and_children() -> tuple[float, float, float]:
-    """Now, every CPU's busy seconds, and the CPU seconds of this process's reaped children."""
+def _busy_and_children() -> tuple[float, float, float, float]:
+    """Now, busy and steal seconds (machine_seconds), this process's reaped children's CPU."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy = sum(b for b, _ in cpu_times().values()) / CLOCK_TICKS
-    return time.perf_counter(), busy, usage.ru_utime + usage.ru_stime
+    busy, steal = machine_seconds()
+    return time.perf_counter(), busy, steal, usage.ru_utime + usage.ru_stime
 
 
 def scrape_part(settings: Settings) -> dict[str, Any]:
@@ -233,11 +245,12 @@ def scrape_part(settings: Settings) -> dict[str, Any]:
     after = _busy_and_children()
     if done.returncode != 0:
         raise RuntimeError(f"bench.scrape exited {done.returncode}: {done.stderr[-800:]}")
-    wall, busy, ours = (a - b for a, b in zip(after, before, strict=True))
+    wall, busy, steal, ours = (a - b for a, b in zip(after, before, strict=True))
     return {
         "command": "python -m bench.scrape " + " ".join(argv[3:]),
         # Every CPU's busy time less bench.scrape's and its processes' (all reaped by it).
         "other_cores": round(max(0.0, (busy - ours) / wall), 2),
+        "steal_cores": round(steal / wall, 2),
         "rows": workersreport.parse_scrape(done.stdout),
         "output": done.stdout,
     }

@@ -73,6 +73,7 @@ def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
             ],
             "other_cores_max": max(c["other"] for c in cores),
             "other_cores": _median([c["other"] for c in cores]),
+            "steal_cores": _median([c.get("steal", 0.0) for c in cores]),
         }
     one, two = out.get("1"), out.get("2")
     if one and two:
@@ -111,7 +112,7 @@ def throughput_table(results: dict[str, Any]) -> Table:
     header = [
         "backend", "workers", "req/s", "p50 (ms)", "p99 (ms)", "errors",
         "gateway cores (per worker)", "gateway CPU-us/request", "backend cores", "wrk cores",
-        "other work, cores", "backend alone, req/s",
+        "other work, cores", "steal, cores", "backend alone, req/s",
     ]  # fmt: skip
     rows = []
     for shape, part in results["shapes"].items():
@@ -133,6 +134,7 @@ def throughput_table(results: dict[str, Any]) -> Table:
                     f"{s['cores']['backend']:.2f}",
                     f"{s['cores']['wrk']:.2f}",
                     f"{s['other_cores']:.2f} (max {s['other_cores_max']:.2f})",
+                    f"{s['steal_cores']:.2f}",
                     _n(part["direct"]["requests_per_s"], 0),
                 ]
             )
@@ -141,7 +143,8 @@ def throughput_table(results: dict[str, Any]) -> Table:
             rows.append(
                 [
                     SHAPE_NAMES[shape], "2 / 1", _x(r["requests_per_s"]), _x(r["p50_ms"]),
-                    _x(r["p99_ms"]), "", "", _x(r["gateway_cpu_us_per_request"]), "", "", "", "",
+                    _x(r["p99_ms"]), "", "", _x(r["gateway_cpu_us_per_request"]),
+                    "", "", "", "", "",
                 ]
             )  # fmt: skip
     return header, rows
@@ -163,7 +166,7 @@ def scrape_table(scrape: dict[str, Any]) -> Table:
 def runs_in_order(part: dict[str, Any]) -> str:
     return ", ".join(
         f"{r['workers']}w {r['requests_per_s']:,.0f} req/s (p99 {r['latency_ms']['p99']:.1f} ms, "
-        f"other work {r['cores']['other']:.2f})"
+        f"other work {r['cores']['other']:.2f}, steal {r['cores'].get('steal', 0.0):.2f})"
         for r in part["runs"]
     )
 
@@ -194,11 +197,11 @@ def _busy_note(results: dict[str, Any]) -> str:
         if s is None:
             continue
         c = s["cores"]
-        total = c["gateway"] + c["backend"] + c["wrk"] + s["other_cores"]
+        total = c["gateway"] + c["backend"] + c["wrk"] + s["other_cores"] + s["steal_cores"]
         notes.append(
             f"{SHAPE_NAMES[shape]}: {total:.2f} of {results['meta']['nproc']} cores busy "
             f"(gateway {c['gateway']:.2f}, backend {c['backend']:.2f}, wrk {c['wrk']:.2f}, "
-            f"other {s['other_cores']:.2f})"
+            f"other {s['other_cores']:.2f}, steal {s['steal_cores']:.2f})"
         )
     return "; ".join(notes)
 
@@ -220,7 +223,8 @@ def text(results: dict[str, Any]) -> str:
         sc = results["scrape"]
         out += [
             "",
-            f"/metrics scrape: `{sc['command']}` (other work: {sc['other_cores']:.2f} cores)",
+            f"/metrics scrape: `{sc['command']}` (other work: {sc['other_cores']:.2f} cores, "
+            f"steal {sc.get('steal_cores', 0.0):.2f})",
         ]
         out.append("")
         out.append(text_table(scrape_table(results["scrape"])))
@@ -271,6 +275,7 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "- 100 sequential scrapes of each setup after 3 of warm-up; the last row is the one "
             "an operator's Prometheus sees (`server.workers: 2`, one port); other work on the "
-            f"machine during the scrape run: {results['scrape']['other_cores']:.2f} cores",
+            f"machine during the scrape run: {results['scrape']['other_cores']:.2f} cores (steal "
+            f"{results['scrape'].get('steal_cores', 0.0):.2f})",
         ]
     return "\n".join(lines) + "\n"
