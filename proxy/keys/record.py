@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import re
 import secrets
 from collections.abc import Mapping
@@ -56,11 +57,6 @@ Records = list[KeyRecord]
 Rows = list[UsageRow]
 
 
-_BLOCK = 64  # SHA-256's block size
-_IPAD = bytes(b ^ 0x36 for b in range(256))
-_OPAD = bytes(b ^ 0x5C for b in range(256))
-
-
 def new_secret() -> str:
     """A new key: the prefix and 32 random bytes, URL-safe base64 without padding."""
     raw = base64.urlsafe_b64encode(secrets.token_bytes(SECRET_BYTES)).rstrip(b"=")
@@ -75,25 +71,20 @@ def shown_prefix(secret: str) -> str:
 class Hasher:
     """HMAC-SHA256 under one key: what a secret is stored and looked up as.
 
-    RFC 2104 with the two padded-key states hashed once, here, and copied per digest: a
-    third of the CPU of `hmac.digest` on OpenSSL 3, which sets the key up on every call.
+    The key is set up once and the keyed state copied per digest (the standard library's
+    `hmac` with OpenSSL's HMAC): less than half the CPU of `hmac.digest`, which sets the key
+    up on every call.
     """
 
-    __slots__ = ("_inner", "_outer")
+    __slots__ = ("_keyed",)
 
     def __init__(self, key: bytes = DEFAULT_HASH_KEY) -> None:
-        if len(key) > _BLOCK:
-            key = hashlib.sha256(key).digest()
-        key = key.ljust(_BLOCK, b"\0")
-        self._inner = hashlib.sha256(key.translate(_IPAD))
-        self._outer = hashlib.sha256(key.translate(_OPAD))
+        self._keyed = hmac.new(key, digestmod=hashlib.sha256)
 
     def digest(self, secret: str) -> bytes:
-        inner = self._inner.copy()
-        inner.update(secret.encode("utf-8", "surrogateescape"))
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
+        mac = self._keyed.copy()
+        mac.update(secret.encode("utf-8", "surrogateescape"))
+        return mac.digest()
 
     def hexdigest(self, secret: str) -> str:
         return self.digest(secret).hex()
