@@ -124,9 +124,14 @@ def _affinity(
 ) -> tuple[list[Target], str]:
     """Rendezvous order for `key`; replicas over the load bound move behind the others."""
     keyed = hashlib.blake2b(key, digest_size=8)  # the key hashed once, each target added on
-    ranked = sorted(targets, key=lambda t: _score(keyed, t), reverse=True)
-    total = sum(loads[t.backend].in_flight + loads[t.backend].queued for t in targets)
-    weight = sum(t.weight for t in targets)
+    if all(t.weight == targets[0].weight for t in targets):  # the highest digest wins
+        ranked = sorted(targets, key=lambda t: _digest(keyed, t), reverse=True)
+    else:
+        ranked = sorted(targets, key=lambda t: _score(keyed, t), reverse=True)
+    total = weight = 0.0
+    for t in targets:
+        total += loads[t.backend].in_flight + loads[t.backend].queued
+        weight += t.weight
 
     def over(t: Target) -> bool:
         # its share of the load with this request counted, times the factor, rounded up;
@@ -147,12 +152,18 @@ def _affinity(
     return within + [t for t, o in zip(ranked, passed, strict=True) if o], "rebalanced"
 
 
-def _score(keyed: hashlib.blake2b, target: Target) -> float:
-    """The target's rendezvous score for the key `keyed` has hashed, weighted (highest random
-    weight hashing): blake2b over the key, a zero byte and the backend's name."""
+def _digest(keyed: hashlib.blake2b, target: Target) -> bytes:
+    """The target's hash for the key `keyed` has hashed: blake2b over the key, a zero byte and
+    the backend's name (compared as bytes, in the order of the numbers they spell)."""
     mixed = keyed.copy()
     mixed.update(b"\0" + target.backend.encode())
-    unit = (int.from_bytes(mixed.digest(), "big") + 1) / (2**64 + 1)  # in (0, 1)
+    return mixed.digest()
+
+
+def _score(keyed: hashlib.blake2b, target: Target) -> float:
+    """The target's rendezvous score, weighted (highest random weight hashing): its hash as a
+    number in (0, 1), u, gives -weight / ln(u); with equal weights it orders as the hash."""
+    unit = (int.from_bytes(_digest(keyed, target), "big") + 1) / (2**64 + 1)
     return -target.weight / math.log(unit)
 
 

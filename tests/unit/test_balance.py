@@ -7,6 +7,8 @@ import math
 import random
 from collections import Counter
 
+import pytest
+
 from proxy.balance import Load, affinity_key, order
 from proxy.routing import Target
 
@@ -137,15 +139,16 @@ def _rendezvous_home(key: bytes, targets: list[Target]) -> Target:
     return max(targets, key=score)
 
 
-def test_affinity_homes_do_not_move_between_gateway_versions() -> None:
+@pytest.mark.parametrize("a_weight", [1.0, 2.0])
+def test_affinity_homes_do_not_move_between_gateway_versions(a_weight: float) -> None:
     """A key's replica is the rendezvous hash of the key and the backend's name, however the
-    gateway computes it, so gateways of two versions side by side agree and an upgrade moves
-    no key (and no cached prefix)."""
-    heavy = Target("a", None, 2.0)
+    gateway computes it (with equal weights or not), so gateways of two versions side by side
+    agree and an upgrade moves no key (and no cached prefix)."""
+    targets = [Target("a", None, a_weight), B, C]
     for i in range(300):
         key = affinity_key(None, f"system prompt {i} ".encode() * 200, 2048)
-        ranked, _ = order("affinity", [heavy, B, C], loads(a=0, b=0, c=0), random.Random(0), key)
-        assert _rendezvous_home(key, [heavy, B, C]) == ranked[0]
+        ranked, _ = order("affinity", targets, loads(a=0, b=0, c=0), random.Random(0), key)
+        assert _rendezvous_home(key, targets) == ranked[0]
 
 
 def test_affinity_counts_what_a_replica_says_it_queues() -> None:
