@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from proxy.auth import ANONYMOUS, Principal
 from proxy.breaker import Breaker
@@ -48,12 +47,13 @@ from proxy.limits import (
     rules_for,
 )
 from proxy.metrics import Metrics
-from proxy.ratelimit_redis import Adjust, Leave, RedisLimits, connect
+from proxy.ratelimit_redis import Adjust, Leave, RedisLimits
+from proxy.resp import RespError
 from proxy.usage import Usage
 
 logger = logging.getLogger("proxy")
 
-STORE_ERRORS = (RedisError, OSError, TimeoutError)  # what a call to Redis may fail with
+STORE_ERRORS = (RespError, OSError, TimeoutError)  # what a call to Redis may fail with
 FAILURES_TO_OPEN = 3  # Redis calls failing in a row before each host goes on alone
 PROBE_S = 0.25  # how often an open breaker asks Redis whether it answers again
 BATCH = 256  # settlements sent in one script call
@@ -328,7 +328,7 @@ def limiter_for(config: Config, metrics: Metrics, workers: int) -> Limiter:
     auth = config.auth
     store = None
     if auth.store is not None and auth.store.startswith(("redis://", "rediss://")):
-        store = RedisLimits(connect(auth.store, auth.redis_timeout_s))
+        store = RedisLimits(auth.store)
     limiter = Limiter(
         workers=workers,
         hosts=auth.hosts,

@@ -18,16 +18,14 @@ of a script in one slot) is not supported: use one primary (with replicas for fa
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import msgspec
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from proxy.limits import PERIOD_S, Rule, Verdict, decide
+from proxy.resp import Arg, Reply, Resp, RespConnectionError
 
 PREFIX = "ipx:rl:"
 
@@ -133,27 +131,29 @@ class Leave(NamedTuple):
     member: str
 
 
-def connect(url: str, timeout_s: float) -> Redis:
-    """A client that gives up on any call after `timeout_s` and never retries on its own
-    (the breaker decides what a failure means)."""
-    return Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        retry_on_timeout=False,
-    )
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324  (Redis names scripts so)
+
+
+def _number(reply: Reply) -> float:
+    if not isinstance(reply, bytes | int):
+        raise RespConnectionError(f"the script answered {reply!r}, not a number")
+    return float(reply)
+
+
+def _items(reply: Reply) -> list[Reply]:
+    if not isinstance(reply, list):
+        raise RespConnectionError(f"the script answered {reply!r}, not a list")
+    return reply
 
 
 class RedisLimits:
-    """The checks and settlements on Redis; each is one EVALSHA (the script is loaded once,
-    and loaded again when Redis answers NOSCRIPT after a restart)."""
+    """The checks and settlements on Redis; each is one EVALSHA (loaded at start, and sent
+    whole once when Redis answers NOSCRIPT after a restart or a SCRIPT FLUSH)."""
 
-    def __init__(self, client: Redis, period_s: float = PERIOD_S) -> None:
-        self.client = client
+    def __init__(self, url: str, period_s: float = PERIOD_S) -> None:
+        self.client = Resp(url)
         self.period_s = period_s
-        self._check = client.register_script(_CHECK)
-        self._settle = client.register_script(_SETTLE)
 
     async def check(
         self, rules: Sequence[Rule], member: str, ttl_s: float, now: float | None = None
@@ -161,19 +161,19 @@ class RedisLimits:
         """Check (and, when allowed, take) every rule at once; `now` only in tests."""
         rates = [r for r in rules if r.kind != "in_flight"]
         caps = [r for r in rules if r.kind == "in_flight"]
-        args: list[Any] = ["" if now is None else repr(now), len(rates), len(caps)]
+        args: list[Arg] = ["" if now is None else now, len(rates), len(caps)]
         for r in rates:
             args += [r.limit, self.period_s, r.cost]
         for r in caps:
             args += [r.limit, member, round(ttl_s, 3)]
         keys = [PREFIX + r.bucket for r in (*rates, *caps)]
-        out = await self._check(keys=keys, args=args)
-        at = float(out[1])
-        tats: list[float | None] = [float(v) for v in out[2 : 2 + len(rates)]]
-        counts = [int(v) for v in out[2 + len(rates) :]]
+        out = _items(await self.client.evalsha(_CHECK_SHA, _CHECK, keys, args))
+        at = _number(out[1])
+        tats: list[float | None] = [_number(v) for v in out[2 : 2 + len(rates)]]
+        counts = [int(_number(v)) for v in out[2 + len(rates) :]]
         ordered = [*rates, *caps]
         verdict, _ = decide(ordered, tats, counts, at, self.period_s)
-        stored = bool(int(out[0]))
+        stored = bool(out[0])
         if verdict.allowed != stored:  # the same doubles, so never; else what Redis did stands
             denied = None if stored else verdict.denied_by or ordered[0]
             verdict = msgspec.structs.replace(
@@ -185,23 +185,25 @@ class RedisLimits:
         """Apply charges, refunds and ends of requests, in one script call."""
         adjusts = [op for op in ops if isinstance(op, Adjust)]
         leaves = [op for op in ops if isinstance(op, Leave)]
-        args: list[Any] = ["" if now is None else repr(now), len(adjusts), len(leaves)]
+        args: list[Arg] = ["" if now is None else now, len(adjusts), len(leaves)]
         for a in adjusts:
             args += [a.limit, self.period_s, a.delta]
         args += [op.member for op in leaves]
         keys = [PREFIX + a.bucket for a in adjusts] + [PREFIX + op.bucket for op in leaves]
-        await self._settle(keys=keys, args=args)
+        await self.client.evalsha(_SETTLE_SHA, _SETTLE, keys, args)
 
     async def ping(self) -> None:
         """Raise unless Redis answers."""
-        await self.client.ping()
+        await self.client.call("PING")
 
-    async def warm(self, connections: int = 8) -> None:
-        """Load the scripts and open a few connections, so that the first burst of requests
-        neither meets NOSCRIPT nor waits for connections to open."""
-        await asyncio.gather(*(self.client.ping() for _ in range(connections)))
-        for script in (self._check, self._settle):
-            script.sha = await self.client.script_load(script.script)
+    async def warm(self) -> None:
+        """Connect and load the scripts, so that the first requests meet neither."""
+        for script, sha in ((_CHECK, _CHECK_SHA), (_SETTLE, _SETTLE_SHA)):
+            if await self.client.call("SCRIPT", "LOAD", script) != sha.encode():
+                raise RespConnectionError("Redis named a script by another SHA1")
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
+
+
+_CHECK_SHA, _SETTLE_SHA = _sha(_CHECK), _sha(_SETTLE)

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from proxy.limits import Limits, LocalLimits, rules_for
 from proxy.ratelimit import LIMITER, Limiter
-from proxy.ratelimit_redis import PREFIX, RedisLimits, connect
+from proxy.ratelimit_redis import PREFIX, RedisLimits
 from tests.conftest import one_backend, wait_for
 from tests.fakes import chat_body, json_script, stream_script
 from tests.redis_fixture import RedisServer
@@ -234,7 +234,7 @@ async def test_in_flight_slots_in_redis_return_to_zero(pair, upstream, client) -
 async def test_the_script_decides_as_one_process_does(redis_server) -> None:
     """The same requests at the same instants, checked in Redis and in one process: the same
     verdicts, headers and refusals, for every rule kind at once."""
-    store = RedisLimits(connect(redis_server.url, 0.5))
+    store = RedisLimits(redis_server.url)
     local = LocalLimits()
     rng = random.Random(7)
     now = 1_000_000.0
