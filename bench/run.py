@@ -319,8 +319,10 @@ def finish(suite: Suite, args: argparse.Namespace, argv: list[str] | None) -> in
             shutil.copyfile(png, ROOT / "bench" / plot_name)
         text = report.results_markdown(results, rows, plot_name)
         results_md = ROOT / "bench" / "RESULTS.md"
-        # The sections that make bench-fleet and make bench-workers write stay as they are.
-        kept = sections.keep(results_md, keep_section(results_md, text), ("Workers",))
+        # The sections that make bench-fleet, make bench-workers and bench.auth write stay.
+        kept = sections.keep(
+            results_md, keep_section(results_md, text), ("Workers", "Auth and limits")
+        )
         results_md.write_text(kept)
     print(f"\nwrote {args.out / 'results.json'}" + (f", {png}" if png else ""))
     print(f"logs of the processes under test: {suite.work}")
