@@ -242,3 +242,16 @@ async def test_no_keys_means_only_model_limits(gateway_factory, upstream, auth_o
     statuses = [(await post(gw.url))[0] for _ in range(2)]
     assert [200, 429] == statuses
     await asyncio.sleep(0)
+
+
+async def test_a_plain_stream_corrects_its_estimate(gateway_factory, upstream) -> None:
+    """A stream whose client did not ask for usage: the backend's usage (7 prompt, 3
+    completion) still replaces the estimate once the stream ends."""
+    upstream.script[CHAT] = stream_script(tokens=3)
+    gw = await gateway_factory(one_backend(upstream.url, extra=limits(tpm="1000")), KEYS)
+    limiter = frozen(gw)
+    body = orjson.dumps({"model": "m", "stream": True, "messages": []})
+    status, _, events = await post(gw.url, body=body)
+    assert (200, True) == (status, events.endswith(b"data: [DONE]\n\n"))
+    assert b'"usage"' not in events  # the client did not ask for it
+    assert pytest.approx(1000.0 + 10 * 60 / 1000) == limiter.local.tats["k:key-0:tpm"]
