@@ -16,6 +16,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from proxy.keys import Hasher, new_key, open_store
 from proxy.limits import Limits, LocalLimits, rules_for
 from proxy.ratelimit import LIMITER, Limiter
 from proxy.ratelimit_redis import PREFIX, RedisLimits
@@ -253,3 +254,37 @@ async def test_the_script_decides_as_one_process_does(redis_server) -> None:
             assert alone == shared
     finally:
         await store.close()
+
+
+async def test_a_team_key_hits_its_tpm_on_two_gateways(
+    gateway_factory, upstream, redis_server: RedisServer
+) -> None:
+    """The issue's case: a managed key made with tpm 300, used on two gateways sharing one
+    Redis, is refused on both once its tokens are spent, with the same headers; another team's
+    key is not."""
+    store = await open_store(redis_server.url)
+    try:
+        team = new_key("team-a", Hasher(), time.time(), tpm=300)  # (secret, record)
+        other = new_key("team-b", Hasher(), time.time())
+        for _, record in (team, other):
+            await store.create(record)
+    finally:
+        await store.close()
+    upstream.script[CHAT] = json_script(200, chat_body(prompt=150, completion=50))
+    text = one_backend(
+        upstream.url, extra=f"auth: {{store: '{redis_server.url}', redis_timeout_s: 0.5}}\n"
+    )
+    a, b = [await gateway_factory(text, {}) for _ in range(2)]
+    async with aiohttp.ClientSession() as s:
+        for gw in (a, b):
+            assert 200 == (await post(s, gw.url, key=team[0]))[0]
+            await wait_for(lambda gw=gw: limiter_of(gw).settled)
+        refused = [await post(s, gw.url, key=team[0]) for gw in (a, b)]
+        assert 200 == (await post(s, b.url, key=other[0]))[0]
+    for status, headers, _ in refused:
+        assert (429, "40", "300", "0") == (
+            status,
+            headers["Retry-After"],
+            headers["x-ratelimit-limit-tokens"],
+            headers["x-ratelimit-remaining-tokens"],
+        )
