@@ -28,7 +28,9 @@ from aiohttp import web
 from proxy.config import load_config
 from proxy.reload import Reloader
 from proxy.state import LIVE
-from tests.integration.test_operations import ROOT, Notifications, accepts, free_port
+from tests.integration.test_operations import ROOT, Notifications, accepts, free_port, sim
+
+__all__ = ["sim"]  # the fixture, shared with test_operations
 
 # -- backends -----------------------------------------------------------------------------
 
@@ -102,26 +104,6 @@ async def fake(fakes: list[Fake], **options: float) -> Fake:
     started = await Fake(**options).start()  # type: ignore[arg-type]
     fakes.append(started)
     return started
-
-
-@pytest.fixture
-def sim() -> Iterator[str]:
-    """A simulated vLLM serving models a, b and c, a token every 50 ms."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "bench.simbackend", "--port", str(port),
-            "--chunk-delay-ms", "50", "--model", "a,b,c",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    assert proc.stdout is not None
-    assert "listening" in proc.stdout.readline()
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.communicate(timeout=10)
 
 
 # -- the gateway --------------------------------------------------------------------------
