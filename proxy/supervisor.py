@@ -66,6 +66,11 @@ def backoff_s(previous_s: float, ran_s: float) -> float:
     return min(BACKOFF_MAX_S, previous_s * 2)
 
 
+def config_text(config: Config) -> str:
+    """A checked config as YAML that `load_config` reads back as the same config."""
+    return str(yaml.safe_dump(msgspec.to_builtins(config), sort_keys=False))
+
+
 def parse_notify(datagram: bytes) -> dict[str, str]:
     """sd_notify's `KEY=VALUE` lines (a line without `=` is ignored)."""
     fields: dict[str, str] = {}
@@ -351,11 +356,10 @@ class Supervisor:
 
     def _write_config(self, config: Config) -> None:
         """The config in force, where workers read it (written whole, then renamed)."""
-        text = yaml.safe_dump(msgspec.to_builtins(config), sort_keys=False)
         partial = self._config_path + ".new"
         with open(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
             out.write(f"# the config in force, from {self.source}; written by the supervisor\n")
-            out.write(text)
+            out.write(config_text(config))
         os.replace(partial, self._config_path)
 
     def _make_run_dir(self) -> None:
