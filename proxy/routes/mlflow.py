@@ -11,7 +11,7 @@ from proxy.catalog import model_cards
 from proxy.chain import begin, json_response
 from proxy.errors import InvalidRequest, NotFound
 from proxy.serve import CHAT, COMPLETIONS, EMBEDDINGS, serve_openai
-from proxy.state import STATE, GatewayState
+from proxy.state import STATE
 from proxy.view import peek_invocation
 
 PAGE_SIZE = 1000
@@ -29,14 +29,18 @@ def endpoint_card(name: str, endpoint_type: str, upstream: str, provider: str) -
     }
 
 
-async def endpoint_cards(state: GatewayState) -> list[dict[str, object]]:
-    """Every model as an MLflow endpoint, in config order."""
+async def endpoint_cards(request: web.Request) -> list[dict[str, object]]:
+    """Every model the caller's key may use as an MLflow endpoint, in config order."""
+    state = request[STATE]
     if not state.config.models:
-        ids = [str(card["id"]) for card in await model_cards(state)]
+        ids = [str(card["id"]) for card in await model_cards(request)]
         kind = next(iter(state.config.backends.values())).kind
         return [endpoint_card(i, "llm/v1/chat", i, kind) for i in ids]
+    allowed = {str(card["id"]) for card in await model_cards(request)}
     cards = []
     for name, model in state.config.models.items():
+        if name not in allowed:
+            continue
         first = model.targets[0]
         kind = state.config.backends[first.backend].kind
         cards.append(endpoint_card(name, model.endpoint_type, first.model or name, kind))
@@ -63,14 +67,14 @@ def page(items: list[dict[str, object]], token: str | None, size: int) -> dict[s
 
 async def list_endpoints(request: web.Request) -> web.Response:
     """GET /api/2.0/endpoints/: the listing, paginated."""
-    cards = await endpoint_cards(request[STATE])
+    cards = await endpoint_cards(request)
     return json_response(page(cards, request.query.get("page_token"), PAGE_SIZE))
 
 
 async def get_endpoint(request: web.Request) -> web.Response:
     """GET /api/2.0/endpoints/{endpoint}: one endpoint, or a 404 envelope."""
     name = request.match_info["endpoint"]
-    for card in await endpoint_cards(request[STATE]):
+    for card in await endpoint_cards(request):
         if card["name"] == name:
             return json_response(card)
     raise NotFound(f"endpoint '{name[:200]}' does not exist; GET /api/2.0/endpoints/ lists them")

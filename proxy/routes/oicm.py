@@ -13,7 +13,6 @@ from proxy.paths import subpath
 from proxy.ratelimit import limited
 from proxy.routing import Target, plan
 from proxy.serve import CHAT, OPENAI_POST_ROUTES, affinity_of, serve_openai
-from proxy.state import STATE
 from proxy.translate import oicm
 from proxy.upstream import Backend
 from proxy.view import decode_object, peek_invocation
@@ -25,7 +24,7 @@ async def endpoint_proxy(request: web.Request) -> web.StreamResponse:
     endpoint = request.match_info["endpoint"]
     path = subpath(request.raw_path, 3)  # after /models/{endpoint}/proxy, as the client sent it
     if path == "/v1/models" and request.method in ("GET", "HEAD"):
-        cards = await model_cards(request[STATE])
+        cards = await model_cards(request)
         return json_response({"object": "list", "data": cards})
     call = await begin(request)
     if path in OPENAI_POST_ROUTES and request.method == "POST":

@@ -10,7 +10,6 @@ from proxy.catalog import model_cards
 from proxy.chain import begin, json_response
 from proxy.errors import NotFound
 from proxy.serve import HELPER_ROUTES, serve_model, serve_openai
-from proxy.state import STATE
 from proxy.view import peek
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -56,15 +55,13 @@ def openai_route(path: str) -> Handler:
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: the configured models, or the backends' own lists merged."""
-    state = request[STATE]
-    return json_response({"object": "list", "data": await model_cards(state)})
+    return json_response({"object": "list", "data": await model_cards(request)})
 
 
 async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{id}: one model card, or a 404 envelope."""
-    state = request[STATE]
     wanted = request.match_info["model"]
-    for card in await model_cards(state):
+    for card in await model_cards(request):
         if card.get("id") == wanted:
             return json_response(card)
     raise NotFound(f"model '{wanted[:200]}' does not exist; GET /v1/models lists the models")

@@ -161,6 +161,33 @@ async def test_scope_is_403_on_every_surface(
     assert sent == len(upstream.posts)
 
 
+async def get(url: str, key: str) -> tuple[int, dict]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(url, headers={"Authorization": f"Bearer {key}"}) as r,
+    ):
+        return r.status, await r.json()
+
+
+async def test_a_scoped_key_lists_only_its_models(
+    gateway_factory: Factory, upstream, store, location
+) -> None:
+    """/v1/models, /v1/models/{id}, OICM's listing and MLflow's endpoints show a scoped key
+    only the models it may use; a key for every model sees them all."""
+    models = "models:\n  qwen: {targets: [{backend: gpu}]}\n  llama: {targets: [{backend: gpu}]}\n"
+    scoped, _ = await create(store, "scoped", models=("qwen",))
+    every, _ = await create(store, "every")
+    gw = await gateway_factory(config(upstream.url, location, models=models))
+    ids = lambda body, field="data": [c.get("id", c.get("name")) for c in body[field]]  # noqa: E731
+    assert ["qwen"] == ids((await get(gw.url + "/v1/models", scoped))[1])
+    assert ["qwen", "llama"] == ids((await get(gw.url + "/v1/models", every))[1])
+    assert 404 == (await get(gw.url + "/v1/models/llama", scoped))[0]
+    assert 200 == (await get(gw.url + "/v1/models/llama", every))[0]
+    assert ["qwen"] == ids((await get(gw.url + "/models/qwen/proxy/v1/models", scoped))[1])
+    endpoints = (await get(gw.url + "/api/2.0/endpoints/", scoped))[1]
+    assert ["qwen"] == ids(endpoints, "endpoints")
+
+
 async def test_a_key_expires(gateway_factory: Factory, upstream, store, location) -> None:
     """A key made to expire in 0.4 s is let in, then refused as "expired API key"."""
     secret, _ = await create(store, "brief", expires=time.time() + 0.4)
