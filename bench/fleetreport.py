@@ -16,8 +16,13 @@ SECTION = "## Fleet"
 
 
 def meta(
-    root: Path, argv: list[str] | None, quick: bool, settings: dict[str, Any]
+    root: Path,
+    argv: list[str] | None,
+    quick: bool,
+    settings: dict[str, Any],
+    program: str = "bench.fleet",
 ) -> dict[str, Any]:
+    """When, where and how a benchmark ran (`program`: the module run with `python -m`)."""
     import sys
 
     return {
@@ -28,7 +33,7 @@ def meta(
         "arch": platform.machine(),
         "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
         "command": " ".join(
-            ["python -m bench.fleet", *(argv if argv is not None else sys.argv[1:])]
+            [f"python -m {program}", *(argv if argv is not None else sys.argv[1:])]
         ),
         "quick": quick,
         "settings": settings,

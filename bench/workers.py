@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from bench import sections, workersreport
+from bench import fleetreport, sections, workersreport
 from bench.aio import run
 from bench.nginx import nginx_binary
 from bench.processes import Service, free_port, start, stop
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True)
     nofile = raise_nofile_limit()
     results: dict[str, Any] = {
-        "meta": workersreport.meta(ROOT, argv, args.quick, asdict(settings)),
+        "meta": fleetreport.meta(ROOT, argv, args.quick, asdict(settings), "bench.workers"),
         "shapes": {},
     }
     for shape in shapes:

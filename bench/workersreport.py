@@ -2,36 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from bench import report
 from bench.fleetreport import Table, markdown_table, text_table
 
 TITLE = "Workers"
 SHAPE_NAMES = {"nginx": "nginx, canned answer", "sim": "bench.simbackend (Python)"}
 SCRAPE_FIELDS = ("samples", "kib", "p50", "p90", "p99", "max", "sent", "counted", "answered")
-
-
-def meta(
-    root: Path, argv: list[str] | None, quick: bool, settings: dict[str, Any]
-) -> dict[str, Any]:
-    return {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": report.commit(root),
-        "machine": report.machine(),
-        "nproc": os.cpu_count(),
-        "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
-        "command": " ".join(
-            ["python -m bench.workers", *(argv if argv is not None else sys.argv[1:])]
-        ),
-        "quick": quick,
-        "settings": settings,
-    }
 
 
 def brief(run: dict[str, Any]) -> str:
