@@ -89,6 +89,17 @@ class KindBackend:
         app.router.add_post(CHAT, self._chat)
         return app
 
+    def _accept(self, request: web.Request) -> None:
+        """Keep hold of the connection, so `unplug` can reset it; once dead, reset it now (a
+        connection the dying process had accepted but not yet read from, such as a pooled one
+        opened just before, answers nothing either)."""
+        transport = request.transport
+        assert transport is not None
+        if self.dead:
+            transport.abort()
+            raise ConnectionResetError("unplugged")
+        self.transports.add(transport)
+
     async def unplug(self) -> int:
         """Die at once; how many generations were running."""
         assert self.server is not None and self.server.runner is not None
@@ -101,7 +112,7 @@ class KindBackend:
         return running
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
-        self.transports.add(request.transport)
+        self._accept(request)
         self.probes += 1
         if self.probe is not None:
             return await self.probe(request)
@@ -112,11 +123,11 @@ class KindBackend:
         return web.json_response({"status": "ok"})
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        self.transports.add(request.transport)
+        self._accept(request)
         return web.Response(text=GAUGES[self.kind].format(waiting=0))
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
-        self.transports.add(request.transport)
+        self._accept(request)
         payload = orjson.loads(await request.read())
         if self.capacity is not None and self.in_flight >= self.capacity:
             status, answer = OVERLOADED[self.kind]
