@@ -14,6 +14,7 @@ from proxy.accesslog import AccessLog
 from proxy.accounting import UsageTally, flushing
 from proxy.auth import KeySet
 from proxy.config import Config
+from proxy.cors_hooks import install_cors
 from proxy.health import health_checks
 from proxy.listener import GuardedServer, close, listen
 from proxy.metrics import Metrics
@@ -23,6 +24,7 @@ from proxy.routes import add_routes
 from proxy.routes.admin import admin_digest, managed_keys
 from proxy.state import LIVE, GatewayState, Live
 from proxy.tls import server_context
+from proxy.tracing import traced
 from proxy.upstream import open_backends
 from proxy.workermetrics import WORKERS_ENV, worker_metrics
 
@@ -75,8 +77,13 @@ def create_app(
     app.cleanup_ctx.append(backends)
     app.cleanup_ctx.append(health_checks)
     app.cleanup_ctx.append(lambda _app: log.flushing())
+    if config.tracing is not None:  # README: Tracing; after the access log's: stopped before it
+        tracing = config.tracing
+        app.cleanup_ctx.append(lambda _app: traced(live.state, tracing, metrics))
     app.cleanup_ctx.append(worker_metrics(app, env, metrics))  # the peers' /metrics socket
     add_routes(app)
+    if config.server.cors is not None:  # a reload keeps the server section: this holds
+        install_cors(app, config.server.cors)
     for name, backend in config.backends.items():
         if backend.api_key_env and not env.get(backend.api_key_env):
             logger.warning("backend %s: $%s is not set; sending no key", name, backend.api_key_env)

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from proxy.cors import CorsConfig, check_cors
 from proxy.limits import Limits
 
 BackendKind = Literal["vllm", "sglang", "tgi", "ollama", "llamacpp", "openai"]
@@ -58,6 +59,7 @@ class ServerConfig(_Section, frozen=True):
     max_connections: int = 10000  # open client connections; see proxy/listener.py
     queue_timeout_s: float = 30.0  # longest wait for a free target when all are full -> 503
     max_queue: int = 4096  # requests waiting at once; one more is a 503 at once
+    cors: CorsConfig | None = None  # browser apps on other origins (README: CORS); off if unset
 
 
 class TimeoutsConfig(_Section, frozen=True):
@@ -301,6 +303,8 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
         )
     if not (math.isfinite(s.drain_grace_s) and s.drain_grace_s >= 0):
         errors.append("server.drain_grace_s: must be a number, 0 or more")
+    if s.cors is not None:
+        errors.extend(check_cors(s.cors))
     errors.extend(
         f"timeouts.{name}: must be a positive number"
         for name in ("request_s", "max_request_s", "connect_s", "idle_s")

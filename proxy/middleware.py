@@ -14,6 +14,7 @@ from aiohttp.http import HttpVersion11
 from aiohttp.typedefs import Handler
 
 from proxy.auth import authenticate, is_admin_path
+from proxy.cors import is_preflight
 from proxy.errors import (
     Dialect,
     ExpectationFailed,
@@ -122,6 +123,16 @@ def from_http_exception(exc: web.HTTPException) -> ProxyError:
     return InvalidRequest(exc.reason)
 
 
+def _keyless_preflight(request: web.Request, state: GatewayState) -> bool:
+    """A CORS preflight with `server.cors` on: browsers send it without a key, and
+    proxy/cors_hooks.py answers it before any handler (the admin API takes none)."""
+    return (
+        state.config.server.cors is not None
+        and is_preflight(request.headers)
+        and not is_admin_path(request.path)
+    )
+
+
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, authentication (before routing), the handler, then one envelope for any
@@ -136,6 +147,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         dialect=dialect_of(request.path),
     )
     request[EXCHANGE] = ex
+    trace = state.tracer.begin(request, ex) if state.tracer is not None else None
     state.active += 1
     clients = state.clients
     if clients is not None:
@@ -145,8 +157,10 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise VersionNotSupported(
                 f"{request[BAD_VERSION]} is not spoken here: send HTTP/1.1 (or HTTP/1.0)"
             )
-        if request.path not in state.open_paths and not (
-            state.admin is not None and is_admin_path(request.path)  # the admin key's, instead
+        if (
+            request.path not in state.open_paths
+            and not (state.admin is not None and is_admin_path(request.path))  # the admin key's
+            and not (request.method == "OPTIONS" and _keyless_preflight(request, state))
         ):
             query_key = request.query.get("key") if ex.dialect == "gemini" else None
             ex.principal = authenticate(request.headers, state.keys, query_key, state.managed)
@@ -185,6 +199,8 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         finished = time.perf_counter()
         _account(state, ex, finished, left)
         state.access_log.write(ex, request.method, request.path[:200], finished)
+        if trace is not None:
+            trace.end(ex, request.method)
 
 
 def _account(state: GatewayState, ex: Exchange, finished: float, left: str | None) -> None:
