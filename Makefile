@@ -46,6 +46,13 @@ endif
 	@command -v redis-server >/dev/null || { echo "installing redis-server (the key store's tests run their own)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  service redis-server stop >/dev/null 2>&1 || true; }
+	@# The dashboard and alert rules are tested on a prometheus the tests start on a free port;
+	@# the package's own service (and its recommended node exporter, not installed) is stopped
+	@# and disabled, never relied on.
+	@command -v prometheus >/dev/null || { echo "installing prometheus (the dashboard's tests run their own)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus >/dev/null; \
+	  service prometheus stop >/dev/null 2>&1 || true; systemctl disable prometheus >/dev/null 2>&1 || true; }
 	$(BIN)/python -m pytest
 
 ## The soak test at full length: 100,000 mixed requests (make test runs 20,000).
