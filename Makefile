@@ -53,6 +53,8 @@ endif
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    prometheus >/dev/null; \
 	  service prometheus stop >/dev/null 2>&1 || true; systemctl disable prometheus >/dev/null 2>&1 || true; }
+	@command -v chromium >/dev/null || { echo "installing chromium (a page on another origin streams through the gateway: CORS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	$(BIN)/python -m pytest
 
 ## The soak test at full length: 100,000 mixed requests (make test runs 20,000).

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import re
+import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -10,10 +16,12 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from proxy.cors import EXPOSE_HEADERS
 from tests.conftest import one_backend
 from tests.fakes import Received, chunk_event
+from tests.integration.test_cli import free_port
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 APP = "https://app.example.com"
@@ -327,3 +335,125 @@ async def test_readme_cors_example(gateway_factory, upstream) -> None:
         status,
         {k: headers.get(k) for k in expected},
     )
+
+
+PAGE = """<!doctype html>
+<title>chat</title>
+<script>
+(async () => {
+  const out = {};
+  try {
+    const r = await fetch(%(gateway)s + "/v1/chat/completions", {
+      method: "POST",
+      headers: {"Authorization": "Bearer k-app", "Content-Type": "application/json"},
+      body: JSON.stringify({model: "m", stream: true, messages: [{role: "user", content: "hi"}]}),
+    });
+    out.status = r.status;
+    out.requestId = r.headers.get("x-request-id");
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    out.text = "";
+    for (;;) {
+      const {done, value} = await reader.read();
+      if (done) break;
+      out.text += decoder.decode(value, {stream: true});
+    }
+  } catch (e) {
+    out.error = String(e);
+  }
+  await fetch("/result", {method: "POST", body: JSON.stringify(out)});
+})();
+</script>
+"""
+
+
+async def browser_fetch(gateway_url: str, tmp_path: Path, page_port: int) -> dict:
+    """Serve PAGE on 127.0.0.1:`page_port`, open it in headless Chromium, and return what
+    its fetch() of a streamed chat answer from the gateway reported (within 60 s)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium is not installed (make test installs it)", pytrace=False)
+    result: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(
+            text=PAGE % {"gateway": orjson.dumps(gateway_url).decode()}, content_type="text/html"
+        )
+
+    async def report(request: web.Request) -> web.Response:
+        if not result.done():
+            result.set_result(orjson.loads(await request.read()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    app.router.add_post("/result", report)
+    server = TestServer(app, host="127.0.0.1", port=page_port)
+    await server.start_server()
+    browser = subprocess.Popen(  # noqa: ASYNC220  (a long-lived child, stopped below by its pid)
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium'}",
+            f"http://127.0.0.1:{server.port}/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its renderers and helpers share its process group
+    )
+    try:
+        async with asyncio.timeout(60):
+            return await result
+    finally:
+        browser.terminate()  # it stops its own renderers and helpers...
+        try:
+            await asyncio.to_thread(browser.wait, 10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # ...and any left are killed here
+                os.killpg(browser.pid, signal.SIGKILL)
+            await asyncio.to_thread(browser.wait, 10)
+        await server.close()
+
+
+async def test_chromium_streams_a_chat_answer_from_another_origin(
+    gateway_factory, upstream, tmp_path
+) -> None:
+    """A page on one 127.0.0.1 port fetch()es a streamed chat answer with a key from the
+    gateway on another: the browser's preflight passes, the page reads every event and the
+    exposed x-request-id; the gateway saw the preflight (without a key) and the stream."""
+    page_port = free_port()
+    extra = f"server:\n  cors: {{allow_origins: ['http://127.0.0.1:{page_port}']}}\n"
+    gw = await gateway_factory(one_backend(upstream.url, extra=extra), KEYS)
+    got = await browser_fetch(gw.url, tmp_path, page_port)
+    assert (200, None) == (got.get("status"), got.get("error"))
+    assert got["requestId"]
+    events = [e for e in got["text"].split("\n\n") if e]
+    assert [e for e in events if e.startswith("data: {")] == events[:-1]
+    assert "data: [DONE]" == events[-1]
+    lines = [orjson.loads(line) for line in gw.access_lines()]
+    assert [("OPTIONS", 204), ("POST", 200)] == [
+        (line["method"], line["status"]) for line in lines if line["path"] == "/v1/chat/completions"
+    ]
+    assert got["requestId"] == lines[-1]["request_id"]
+
+
+async def test_chromium_keeps_the_answer_from_an_origin_not_listed(
+    gateway_factory, upstream, tmp_path
+) -> None:
+    """The same page from an origin not listed: the preflight is refused, so the browser
+    sends no request (the page sees a network error) and nothing reaches the backend."""
+    listed, page_port = free_port(), free_port()
+    extra = f"server:\n  cors: {{allow_origins: ['http://127.0.0.1:{listed}']}}\n"
+    gw = await gateway_factory(one_backend(upstream.url, extra=extra), KEYS)
+    got = await browser_fetch(gw.url, tmp_path, page_port)
+    assert "TypeError: Failed to fetch" == got.get("error")
+    lines = [orjson.loads(line) for line in gw.access_lines()]
+    assert [("OPTIONS", 403)] == [(line["method"], line["status"]) for line in lines]
+    assert [] == upstream.posts
