@@ -24,6 +24,7 @@ from proxy.routes import add_routes
 from proxy.routes.admin import admin_digest, managed_keys
 from proxy.state import LIVE, GatewayState, Live
 from proxy.tls import server_context
+from proxy.tracing import traced
 from proxy.upstream import open_backends
 from proxy.workermetrics import WORKERS_ENV, worker_metrics
 
@@ -76,6 +77,9 @@ def create_app(
     app.cleanup_ctx.append(backends)
     app.cleanup_ctx.append(health_checks)
     app.cleanup_ctx.append(lambda _app: log.flushing())
+    if config.tracing is not None:  # README: Tracing; after the access log's: stopped before it
+        tracing = config.tracing
+        app.cleanup_ctx.append(lambda _app: traced(live.state, tracing, metrics))
     app.cleanup_ctx.append(worker_metrics(app, env, metrics))  # the peers' /metrics socket
     add_routes(app)
     if config.server.cors is not None:  # a reload keeps the server section: this holds

@@ -113,6 +113,16 @@ class UsageConfig(_Section, frozen=True):
     flush_s: float = 5.0  # per-key usage is written to auth.store this often
 
 
+class TracingConfig(_Section, frozen=True):
+    """OpenTelemetry traces over OTLP/HTTP (README: Tracing); off when the section is absent."""
+
+    otlp_endpoint: str  # the collector's OTLP/HTTP traces URL; a URL with no path: /v1/traces
+    service_name: str = "inference-proxy"
+    sample_ratio: float = 1.0  # of traces the gateway starts; a client's sampled flag is kept
+    max_queue: int = 2048  # spans held for export at once; one more is dropped and counted
+    export_timeout_s: float = 5.0  # one export, retries included; also the drain at stop
+
+
 class BackendConfig(_Section, frozen=True):
     url: str
     kind: BackendKind = "openai"
@@ -153,6 +163,7 @@ class Config(_Section, frozen=True):
     outlier_detection: OutlierConfig = msgspec.field(default_factory=OutlierConfig)
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     usage: UsageConfig = msgspec.field(default_factory=UsageConfig)
+    tracing: TracingConfig | None = None
     backends: dict[str, BackendConfig] = msgspec.field(default_factory=dict)
     models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
 
@@ -224,6 +235,7 @@ def _convert(raw: dict[str, Any], errors: list[str]) -> tuple[Config, frozenset[
         ("outlier_detection", OutlierConfig),
         ("routing", RoutingConfig),
         ("usage", UsageConfig),
+        ("tracing", TracingConfig),
     )
     for key, kind in singles:
         if key in raw:
@@ -343,6 +355,8 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
         errors.append("timeouts.head_s: must be a positive number")
     if t.request_s > t.max_request_s:
         errors.append("timeouts.request_s: must not exceed timeouts.max_request_s")
+    if config.tracing is not None:
+        errors.extend(_check_tracing(config.tracing))
     errors.extend(_check_auth(config.auth))
     errors.extend(_check_limits(config))
     for name, backend in config.backends.items():
@@ -504,6 +518,30 @@ def _check_limits(config: Config) -> list[str]:
             for field in ("rpm", "tpm", "max_in_flight")
             if (value := getattr(limits, field)) is not None and value < 1
         )
+    return errors
+
+
+def _check_tracing(tracing: TracingConfig) -> list[str]:
+    errors: list[str] = []
+    try:
+        parts = urlsplit(tracing.otlp_endpoint)
+        parts.port  # noqa: B018  (reading it checks it: a bad port raises ValueError)
+    except ValueError as exc:
+        errors.append(f"tracing.otlp_endpoint: not a valid URL ({exc})")
+    else:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            errors.append(
+                f"tracing.otlp_endpoint: '{tracing.otlp_endpoint[:200]}' is not an http(s) URL "
+                "with a host (OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces)"
+            )
+    if not tracing.service_name:
+        errors.append("tracing.service_name: must not be empty")
+    if not (math.isfinite(tracing.sample_ratio) and 0 <= tracing.sample_ratio <= 1):
+        errors.append("tracing.sample_ratio: must be a number from 0 to 1")
+    if tracing.max_queue < 1:
+        errors.append("tracing.max_queue: must be at least 1")
+    if not _positive(tracing.export_timeout_s):
+        errors.append("tracing.export_timeout_s: must be a positive number")
     return errors
 
 

@@ -16,6 +16,7 @@ from proxy.headers import upstream_headers
 from proxy.routing import Plan, Step, Target
 from proxy.signals import fresh
 from proxy.state import GatewayState
+from proxy.tracing import TRACE
 from proxy.upstream import Backend, Response, send
 
 Attempt = Callable[[Backend, Target, bool], Awaitable[web.StreamResponse]]
@@ -105,7 +106,11 @@ async def attempt(
     health = state.fleet[backend.name]
     outlier = state.config.outlier_detection
     try:
-        response = await run(backend, target, not last)
+        response = await (
+            run(backend, target, not last)
+            if state.tracer is None
+            else call.request[TRACE].attempt(run, backend, target, not last, why)
+        )
     except Retry as retry:
         ex.tries[-1] = f"{backend.name}:{retry.reason}"
         m.retries[route.model_label, retry.reason] += 1
@@ -162,7 +167,8 @@ async def exchange(
     RETRY_STATUSES, raises `Retry` instead (the answer is not relayed).
     """
     request, state, ex, deadline = call.request, call.state, call.ex, call.deadline
-    headers = upstream_headers(request.raw_headers, request_id=ex.request_id)
+    trace = request[TRACE].upstream() if state.tracer is not None else b""
+    headers = upstream_headers(request.raw_headers, request_id=ex.request_id, trace=trace)
     target = backend.target(path, request.raw_path.partition("?")[2])
     attempt = UpstreamTry(call, backend, may_retry)
     try:

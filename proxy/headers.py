@@ -29,6 +29,7 @@ _NOT_UPSTREAM = (
     | {h.encode() for h in CREDENTIAL_HEADERS}
     | {b"host", b"content-length", b"expect", b"x-request-id"}
 )
+_TRACE_CONTEXT = frozenset({b"traceparent", b"tracestate"})  # replaced when tracing is on
 _NOT_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 REQUEST_ID = "X-Request-ID"
 EVENT_STREAM = "text/event-stream"
@@ -45,15 +46,19 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     }
 
 
-def upstream_headers(client: RawHeaders, *, request_id: str) -> bytes:
+def upstream_headers(client: RawHeaders, *, request_id: str, trace: bytes = b"") -> bytes:
     """The client's end-to-end header lines, without its gateway credentials, plus the id.
 
+    `trace`, the gateway's own trace context lines (tracing on), replaces the client's
+    `traceparent` and `tracestate`; without it they pass as they came.
     Host, Content-Length and the backend's own key are added by the upstream leg.
     """
     headers = list(client)
     drop = _NOT_UPSTREAM | _connection_tokens(headers) if headers else _NOT_UPSTREAM
+    if trace:
+        drop = drop | _TRACE_CONTEXT
     lines = [name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in drop]
-    lines.append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n")
+    lines.append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n" + trace)
     return b"".join(lines)
 
 

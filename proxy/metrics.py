@@ -111,6 +111,7 @@ class Metrics:
         self.rate_limited: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.store_errors: defaultdict[str, int] = defaultdict(int)
         self.limits_degraded: Callable[[], int] = lambda: 0
+        self.trace_spans_dropped: Callable[[], dict[str, int]] = dict  # by reason; {}: no tracing
         # process_resident_memory_bytes, process_open_fds, process_max_fds, CPU seconds...
         # of the serving process, read from /proc at scrape time.
         self.process = ProcessCollector(registry=None)
@@ -243,6 +244,13 @@ class Metrics:
             "1 while Redis is away and each worker enforces its share of every limit alone.",
             (),
             {(): self.limits_degraded()},
+        )
+        yield _counter(
+            "proxy_trace_spans_dropped",
+            "Trace spans never exported, by reason: queue_full (tracing.max_queue spans were "
+            "already waiting) or export_failed (the collector did not take their batch in time).",
+            ("reason",),
+            self.trace_spans_dropped(),
         )
 
 

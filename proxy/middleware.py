@@ -147,6 +147,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         dialect=dialect_of(request.path),
     )
     request[EXCHANGE] = ex
+    trace = state.tracer.begin(request, ex) if state.tracer is not None else None
     state.active += 1
     clients = state.clients
     if clients is not None:
@@ -198,6 +199,8 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         finished = time.perf_counter()
         _account(state, ex, finished, left)
         state.access_log.write(ex, request.method, request.path[:200], finished)
+        if trace is not None:
+            trace.end(ex, request.method)
 
 
 def _account(state: GatewayState, ex: Exchange, finished: float, left: str | None) -> None:

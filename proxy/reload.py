@@ -4,9 +4,10 @@
 holds. A backend whose settings did not change keeps its `Backend` (its pool of connections
 and its in-flight count, which `least_loaded` and `max_in_flight` read), its health and its
 load signals; the metrics, access log, client guard and admission queue belong to the gateway,
-not to a config. The `server` section is the listener's: a change there applies at the next
-restart, and the reload says so. Requests in flight keep the state they began with and finish
-on it; a backend that left the config (or changed) is closed once its last request is done.
+not to a config. The `server` section is the listener's, and the tracer (`tracing`) the app's:
+a change there applies at the next restart, and the reload says so. Requests in flight keep the
+state they began with and finish on it; a backend that left the config (or changed) is closed
+once its last request is done.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Changes:
     backends_added: tuple[str, ...] = ()
     backends_removed: tuple[str, ...] = ()
     backends_changed: tuple[str, ...] = ()
-    restart_only: tuple[str, ...] = ()  # server.* keys that differ: they wait for a restart
+    restart_only: tuple[str, ...] = ()  # server.* keys (and tracing) that differ: at a restart
 
     def summary(self) -> str:
         """One line for the log: every non-empty list, or that nothing changed."""
@@ -74,7 +75,8 @@ def changes(old: Config, new: Config) -> Changes:
             f"server.{f.name}"
             for f in server_keys
             if getattr(old.server, f.name) != getattr(new.server, f.name)
-        ),
+        )
+        + (("tracing",) if old.tracing != new.tracing else ()),
     )
 
 
@@ -106,6 +108,7 @@ def successor(
     new.started_at, new.known_models = old.started_at, old.known_models
     new.managed, new.admin = old.managed, old.admin  # auth.store: a change waits for a restart
     new.usage_tally = old.usage_tally  # usage not yet written goes on being summed
+    new.tracer = old.tracer  # the app's, for its life: a change of `tracing` waits for a restart
     for name, backend_config in config.backends.items():
         kept = old.backends.get(name)
         if kept is not None and _pool_key(old.config, name) == _pool_key(config, name):

@@ -6,6 +6,7 @@ import asyncio
 import random
 import ssl
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -21,6 +22,9 @@ from proxy.metrics import Metrics
 from proxy.signals import Signals
 from proxy.stream_usage import asks_stream_usage
 from proxy.upstream import Backend
+
+if TYPE_CHECKING:
+    from proxy.tracing_sdk import Tracing
 
 
 class GatewayState:
@@ -60,6 +64,8 @@ class GatewayState:
         self.usage_tally: UsageTally | None = None
         # SHA-256 of the admin key (auth.admin_key_env); None: the admin API is off (404).
         self.admin: bytes | None = None
+        # The tracer (`tracing`), once the app has started it; None: tracing is off.
+        self.tracer: Tracing | None = None
         # Requests that began on this state and have not ended (a reload retires the old
         # state's backends only once this is 0).
         self.active = 0

@@ -31,6 +31,7 @@ from proxy.exchange import Exchange
 from proxy.forward import HeadTimeout, UpstreamTry
 from proxy.headers import REQUEST_ID
 from proxy.relay import finish
+from proxy.tracing import TRACE
 from proxy.translate.chat_stream import ChatStreamParser
 from proxy.upstream import Backend, Response
 from proxy.usage import TAIL_BYTES, Usage, usage_in, usage_of
@@ -81,6 +82,8 @@ async def exchange_translated(
         + ex.request_id.encode("latin-1")
         + b"\r\n"
     )
+    if state.tracer is not None:
+        headers += request[TRACE].upstream()
     target = backend.target(adapter.upstream_path)
     attempt = UpstreamTry(call, backend, may_retry)
     try:
