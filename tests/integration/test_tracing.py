@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -39,8 +41,9 @@ class Receiver:
     """An OTLP/HTTP collector: decodes each ExportTraceServiceRequest posted to /v1/traces
     and keeps its spans; with `hang`, it reads each request and never answers it."""
 
-    def __init__(self, hang: bool = False) -> None:
+    def __init__(self, hang: bool = False, status: int = 200) -> None:
         self.hang = hang
+        self.status = status  # what it answers (500: it takes nothing)
         self.spans: list[Span] = []
         self.posts = 0
         self.answered = 0
@@ -58,6 +61,8 @@ class Receiver:
             for scope in resource.scope_spans:
                 self.spans.extend(scope.spans)
         self.answered += 1
+        if self.status != 200:
+            return web.Response(status=self.status, text="collector broken")
         return web.Response(
             body=ExportTraceServiceResponse().SerializeToString(),
             content_type="application/x-protobuf",
@@ -73,8 +78,8 @@ def quick_batches(monkeypatch) -> None:
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
 
 
-async def start_receiver(hang: bool = False) -> tuple[Receiver, TestServer]:
-    receiver = Receiver(hang)
+async def start_receiver(hang: bool = False, status: int = 200) -> tuple[Receiver, TestServer]:
+    receiver = Receiver(hang, status)
     app = web.Application()
     app.router.add_post("/v1/traces", receiver.traces)
     server = TestServer(app, host="127.0.0.1")
@@ -422,3 +427,55 @@ async def test_the_readme_example_traces(gateway_factory, upstream, receiver) ->
     assert 200 == await post(gw.url, BODY.replace(b"qwen", b"m"), sampled)
     await wait_for(lambda: len(receiver.spans) == 2)
     assert {example["tracing"]["service_name"]} == receiver.services
+
+
+async def test_a_collector_that_answers_500_is_counted(gateway_factory, upstream) -> None:
+    """A collector that refuses every batch with a 500 (not retried): requests answer 200 and
+    each refused span counts as export_failed."""
+    receiver, server = await start_receiver(status=500)
+    try:
+        gw = await gateway_factory(traced_config(upstream.url, receiver.url))
+        assert [200] * 3 == [await post(gw.url, BODY) for _ in range(3)]
+        await wait_for(lambda: len(receiver.spans) == 6)
+        for _ in range(100):  # bounded: 10 s
+            counts = await dropped(gw)
+            if counts["export_failed"] == 6:
+                break
+            await asyncio.sleep(0.1)
+        assert {"queue_full": 0, "export_failed": 6} == counts
+    finally:
+        await server.close()
+
+
+async def test_a_keyless_client_s_trace_gets_a_401_span_and_nothing_upstream(
+    gateway_factory, upstream, receiver
+) -> None:
+    """A client without a key may send a sampled traceparent: it gets its 401 and one SERVER
+    span (no model, no error: a 4xx is the client's); nothing reaches the backend."""
+    gw = await gateway_factory(traced_config(upstream.url, receiver.url), {"API_KEYS": "k"})
+    assert 401 == await post(gw.url, BODY, {"traceparent": f"00-{TRACE_ID}-{CLIENT_SPAN}-01"})
+    await wait_for(lambda: len(receiver.spans) == 1)
+    (server,) = receiver.spans
+    got = attrs(server)
+    assert (401, "none") == (got["http.response.status_code"], got["inference_proxy.backend"])
+    assert {"gen_ai.request.model", "error.type"}.isdisjoint(got)
+    assert [] == upstream.posts
+
+
+def test_without_tracing_the_sdk_is_never_imported() -> None:
+    """A gateway built and started without `tracing` imports no OpenTelemetry module."""
+    code = (
+        "import asyncio, sys\n"
+        "from proxy.app import create_app, serve_app\n"
+        "from proxy.config import load_config\n"
+        "config = load_config(\"backends: {gpu: {url: 'http://127.0.0.1:9'}}\")\n"
+        "async def main():\n"
+        "    serving = await serve_app(create_app(config, {}), config, '127.0.0.1', 0)\n"
+        "    await serving.close(0)\n"
+        "asyncio.run(main())\n"
+        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "[]" == done.stdout.strip().splitlines()[-1]
