@@ -238,7 +238,7 @@ def _convert(raw: dict[str, Any], errors: list[str]) -> tuple[Config, frozenset[
         ("tracing", TracingConfig),
     )
     for key, kind in singles:
-        if key in raw:
+        if key in raw and not (key == "tracing" and raw[key] is None):  # `tracing:` is off
             section = _convert_one(raw[key], kind, key, errors)
             if section is not None:
                 sections[key] = section

@@ -8,6 +8,7 @@ import pytest
 from proxy.config import ConfigError, load_config
 from proxy.exchange import Exchange
 from proxy.reload import changes
+from proxy.supervisor import config_text
 from proxy.tracing import (
     attempt_answered,
     attempt_failed,
@@ -209,6 +210,7 @@ def test_tracing_config_defaults() -> None:
         config.tracing.export_timeout_s,
     )
     assert load_config(BACKEND).tracing is None
+    assert load_config(BACKEND + "tracing:\n").tracing is None  # as the supervisor writes it
 
 
 def test_tracing_config_errors_name_their_keys() -> None:
@@ -254,3 +256,13 @@ def test_a_reload_that_changes_tracing_waits_for_a_restart() -> None:
     new = load_config(BACKEND + "tracing: {otlp_endpoint: 'http://b:4318'}\n")
     assert ("tracing",) == changes(old, new).restart_only
     assert () == changes(old, old).restart_only
+
+
+def test_the_supervisor_s_copy_keeps_tracing() -> None:
+    """Workers read the tracing section in force, and no section as none."""
+    traced = load_config(
+        BACKEND + "tracing: {otlp_endpoint: 'http://c:4318', sample_ratio: 0.25}\n"
+    )
+    assert traced == load_config(config_text(traced))
+    plain = load_config(BACKEND)
+    assert plain == load_config(config_text(plain))
