@@ -18,7 +18,10 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from proxy.config import load_config
 from proxy.cors import EXPOSE_HEADERS
+from proxy.reload import apply
+from proxy.state import LIVE
 from tests.conftest import one_backend
 from tests.fakes import Received, chunk_event
 from tests.integration.test_cli import free_port
@@ -457,3 +460,40 @@ async def test_chromium_keeps_the_answer_from_an_origin_not_listed(
     lines = [orjson.loads(line) for line in gw.access_lines()]
     assert [("OPTIONS", 403)] == [(line["method"], line["status"]) for line in lines]
     assert [] == upstream.posts
+
+
+async def test_translated_stream_carries_the_headers(gateway_factory, upstream) -> None:
+    """An Anthropic stream the gateway translates from chat (a TGI backend) has them too."""
+    text = one_backend(upstream.url, extra=CORS).replace("kind: vllm", "kind: tgi")
+    gw = await gateway_factory(text, KEYS)
+    body = {
+        "model": "m",
+        "max_tokens": 8,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            gw.url + "/anthropic/v1/messages",
+            json=body,
+            headers={"Origin": APP, "x-api-key": "k-app"},
+        ) as r,
+    ):
+        head = (r.status, r.headers.get("Access-Control-Allow-Origin"))
+        events = [line async for line in r.content if line.startswith(b"event: ")]
+    assert (200, APP) == head
+    assert b"event: message_start\n" == events[0]
+    assert "/v1/chat/completions" == upstream.last.path
+
+
+async def test_a_reload_keeps_the_cors_in_force(cors_gw, upstream) -> None:
+    """A reloaded file with another server.cors changes nothing until a restart: the origin
+    it adds is still refused, the one it drops still allowed (README: CORS, Reload)."""
+    live = cors_gw.serving.runner.app[LIVE]
+    other = "server:\n  cors: {allow_origins: ['https://new.example']}\n"
+    await apply(live, load_config(one_backend(upstream.url, extra=other)), KEYS)
+    assert live.state is not cors_gw.state
+    url = cors_gw.url + "/v1/chat/completions"
+    assert 403 == (await send(url, "OPTIONS", preflight_headers(origin="https://new.example")))[0]
+    assert 204 == (await send(url, "OPTIONS", preflight_headers()))[0]
