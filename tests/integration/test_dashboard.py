@@ -90,6 +90,23 @@ def test_promtool_checks_the_shipped_rules() -> None:
         assert {"summary", "description"} == rule["annotations"].keys()
 
 
+def test_readme_prometheus_config_checks(tmp_path: Path) -> None:
+    """The README's prometheus.yml example, with its rules path pointed at the shipped file,
+    passes `promtool check config` (rules included)."""
+    section = (ROOT / "README.md").read_text().split("### Dashboards and alerts", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(example.replace("/etc/prometheus/inference-proxy-alerts.yml", str(ALERTS)))
+    result = subprocess.run(
+        [binary("promtool"), "check", "config", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stdout + result.stderr
+    assert "SUCCESS: 5 rules found" in result.stdout
+
+
 def test_dashboard_imports_with_a_datasource_variable() -> None:
     """Every panel and target reads from `${datasource}`, a Prometheus datasource variable;
     panel ids are unique and every panel has a target."""
