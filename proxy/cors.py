@@ -141,16 +141,14 @@ def answer_headers(policy: CorsPolicy, origin: str | None) -> tuple[dict[str, st
     """The CORS headers of any answer to a request from `origin`, and whether it needs
     `Vary: Origin` (it does whenever the answer depends on the origin: origins listed)."""
     if not policy.origins:
-        return {
-            "Access-Control-Allow-Origin": ANY,
-            "Access-Control-Expose-Headers": EXPOSE_HEADERS,
-        }, False
+        return _allowing(ANY), False
     if origin is None or origin not in policy.origins:
         return {}, True
-    return {
-        "Access-Control-Allow-Origin": origin,
-        "Access-Control-Expose-Headers": EXPOSE_HEADERS,
-    }, True
+    return _allowing(origin), True
+
+
+def _allowing(origin: str) -> dict[str, str]:
+    return {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": EXPOSE_HEADERS}
 
 
 def preflight_headers(
@@ -173,11 +171,12 @@ def preflight_headers(
     names = [n for n in (part.strip().lower() for part in requested.split(",")) if n]
     if not all(_TOKEN.fullmatch(name) for name in names):
         raise InvalidRequest("Access-Control-Request-Headers is not a list of header names")
-    for name in names:
-        if not policy.any_header and name not in policy.headers:
-            raise PermissionDenied(
-                f"header '{name[:100]}' may not be sent from a browser (server.cors.allow_headers)"
-            )
+    refused = [] if policy.any_header else [n for n in names if n not in policy.headers]
+    if refused:
+        raise PermissionDenied(
+            f"header '{refused[0][:100]}' may not be sent from a browser "
+            "(server.cors.allow_headers)"
+        )
     allowed = names if policy.any_header else sorted(policy.headers)
     out = {
         "Access-Control-Allow-Methods": method if ANY in methods else ", ".join(sorted(methods)),
