@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PORT   ?= 8000
 BACKEND_PORT ?= 8001
 
-.PHONY: install run test unit lint format typecheck bench bench-fleet bench-workers soak real-backend lock lowest clean
+.PHONY: install run test unit lint format typecheck bench bench-fleet bench-workers bench-growth soak real-backend lock lowest clean
 .PHONY: install-service uninstall-service
 
 # Dependencies come from the lock files in requirements/ (exact versions and hashes, made by
@@ -75,11 +75,18 @@ format: install
 typecheck: install
 	$(BIN)/mypy
 
-## The benchmark suite: direct vs nginx vs inference-proxy (installs wrk and nginx if missing).
+## The benchmark suite: direct vs nginx vs the aiohttp floor vs inference-proxy (~8 minutes;
+## installs wrk and nginx if missing).
 bench: install
 	$(PIP_LOCKED) -r requirements/bench.txt
 	bash bench/ensure_tools.sh
 	$(BIN)/python -m bench.run
+
+## Issue 12's growth sweeps: body size, stream length, concurrency (~5 minutes), into RESULTS.md.
+bench-growth: install
+	$(PIP_LOCKED) -r requirements/bench.txt
+	bash bench/ensure_tools.sh
+	$(BIN)/python -m bench.growth --results-md
 
 ## Issue 9's fleet figures: a kill under load, a prefix KV cache, routing's CPU cost (~4 minutes).
 bench-fleet: install

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLOURS = {"direct": "#4c72b0", "nginx": "#55a868", "proxy": "#c44e52"}
+COLOURS = {"direct": "#4c72b0", "nginx": "#55a868", "floor": "#8172b2", "proxy": "#c44e52"}
 
 
 def plot_ttfe(sweep: dict[str, dict[str, Any]], out: Path, title_note: str) -> Path | None:

@@ -47,6 +47,11 @@ from bench.scenarios import (
 from bench.streamload import raise_nofile_limit
 
 DEFAULT_PROXY_CMD = "{python} -m proxy --backend {backend} --host 127.0.0.1 --port {port}"
+FLOOR_CMD = "{python} -m bench.floor --backend {backend} --host 127.0.0.1 --port {port}"
+# Open files for every process started: S3c's 10,000 streams take two sockets each in a proxy.
+NOFILE = 65536
+PROFILED = ("floor", "proxy")
+PROFILE_TITLES = {"s1": "S1 (requests)", "s2": "S2 (streams)", "s2p": "S2 paced", "s3": "S3"}
 FAILURES = (RuntimeError, OSError, ValueError, subprocess.SubprocessError)
 
 
@@ -57,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="short smoke run of every scenario")
-    parser.add_argument("--paths", default="direct,nginx,proxy", help="comma list to measure")
+    parser.add_argument("--paths", default="direct,nginx,floor,proxy", help="comma list to measure")
     parser.add_argument("--proxy-cmd", default=DEFAULT_PROXY_CMD, help="{python} {backend} {port}")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument(
@@ -66,11 +71,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="write bench/RESULTS.md (default: on for full runs, off for --quick)",
     )
-    parser.add_argument("--budget-s", type=float, default=540.0, help="skip what would run later")
+    parser.add_argument("--budget-s", type=float, default=900.0, help="skip what would run later")
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="after the measurements, rerun S1 and S2 on the gateway under py-spy",
+        help="after the measurements, rerun S1, S2, S2 paced and S3 on the gateway and the "
+        "floor under py-spy: flame graphs and top frames in --out",
+    )
+    parser.add_argument(
+        "--profile-only", action="store_true", help="--profile without the measurements first"
+    )
+    parser.add_argument(
+        "--profile-md", type=Path, help="with --profile: the top ten frames as Markdown here"
     )
     return parser.parse_args(argv)
 
@@ -93,12 +105,13 @@ class Suite:
         self.work = args.out / "work"
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
-        self.nofile = raise_nofile_limit()
+        self.nofile = raise_nofile_limit(NOFILE)
         self.results: dict[str, Any] = {
             "unavailable": {},
             "failures": {},
             "s1": {},
             "s2": {},
+            "s2p": {},
             "s3": {},
             "s3_order": [s.key for s in settings.s3],
             "sweep": {},
@@ -121,6 +134,8 @@ class Suite:
             self.targets.append(Target("direct", backend_port, None))
         if "nginx" in paths:
             self._start_nginx(backend_port)
+        if "floor" in paths:
+            self._start_python("floor", FLOOR_CMD, backend_port)
         if "proxy" in paths:
             self._start_proxy(backend_port)
         log(self.started, "measuring " + ", ".join(f"{t.name} ({t.url})" for t in self.targets))
@@ -143,19 +158,23 @@ class Suite:
         if not (ROOT / "proxy" / "__main__.py").exists():
             self.results["unavailable"]["proxy"] = "proxy/__main__.py does not exist yet"
             return
+        self._start_python("proxy", self.args.proxy_cmd, backend_port)
+
+    def _start_python(self, name: str, template: str, backend_port: int) -> None:
+        """Start the gateway or the floor from its command template, pinned like nginx."""
         port = free_port()
-        command = self.args.proxy_cmd.format(
+        command = template.format(
             python=sys.executable, backend=f"http://127.0.0.1:{backend_port}", port=port
         )
         try:
             service = start(
-                "proxy", shlex.split(command), port=port, cpu=PROXY_CPU, log_dir=self.work, cwd=ROOT
+                name, shlex.split(command), port=port, cpu=PROXY_CPU, log_dir=self.work, cwd=ROOT
             )
         except (StartError, OSError) as exc:
-            self.results["unavailable"]["proxy"] = str(exc)
+            self.results["unavailable"][name] = str(exc)
             return
         self.services.append(service)
-        self.targets.append(Target("proxy", port, service.pid))
+        self.targets.append(Target(name, port, service.pid))
 
     def stop_services(self) -> None:
         for service in reversed(self.services):
@@ -190,8 +209,13 @@ class Suite:
         assert self.backend is not None
         backend_pid, backend_port = self.backend.pid, self.backend.port
         settings, results = self.settings, self.results
+        if self.args.profile_only:
+            self.profile(backend_pid)
+            return
         self.each("s1", lambda t: s1_requests(t, backend_pid, settings), results["s1"])
         self.each("s2", lambda t: s2_streams(t, backend_pid, settings), results["s2"])
+        paced = partial(s2_streams, backend_pid=backend_pid, settings=settings, paced=True)
+        self.each("s2 paced", paced, results["s2p"])
         for shape in settings.s3:
             into = results["s3"].setdefault(shape.key, {})
             self.each(f"s3 {shape.key}", partial(s3_concurrent, shape=shape), into)
@@ -201,27 +225,77 @@ class Suite:
             self.profile(backend_pid)
 
     def profile(self, backend_pid: int) -> None:
-        """S1 and S2 again on the gateway alone, sampled by py-spy; not part of the table."""
-        target = next((t for t in self.targets if t.name == "proxy"), None)
-        if target is None or target.pid is None or profiling.py_spy() is None:
+        """S1, S2, S2 paced and S3's first shape again on the gateway and the floor, each
+        sampled by two py-spy recorders at once: a flame graph (SVG) and collapsed stacks
+        (their top frames as text). Not part of the table."""
+        targets = [t for t in self.targets if t.name in PROFILED and t.pid is not None]
+        if not targets or profiling.py_spy() is None:
             self.results["failures"]["profile"] = "needs the gateway running and py-spy installed"
             return
-        runs = {
-            "s1": (self.settings.s1_s, s1_requests),
-            "s2": (self.settings.s2_s, s2_streams),
+        settings, first = self.settings, self.settings.s3[0]
+        runs: dict[str, tuple[float, Callable[[Target], dict[str, Any]]]] = {
+            "s1": (
+                settings.warmup_s + settings.s1_s,
+                partial(s1_requests, **self._on(backend_pid)),
+            ),
+            "s2": (settings.warmup_s + settings.s2_s, partial(s2_streams, **self._on(backend_pid))),
+            "s2p": (
+                settings.warmup_s + settings.s2_s,
+                partial(s2_streams, **self._on(backend_pid), paced=True),
+            ),
+            "s3": (
+                (first.ramp_ms + first.tokens * first.gap_ms) / 1000 + 2,
+                partial(s3_concurrent, shape=first),
+            ),
         }
-        self.results["profile"] = {}
-        for key, (seconds, scenario) in runs.items():
-            collapsed = self.args.out / f"profile-{key}.collapsed"
-            recorder = profiling.start_recording(target.pid, seconds, collapsed, LOAD_CPU)
-            try:
-                self.results["profile"][key] = scenario(target, backend_pid, self.settings)
-            finally:
-                recorder.wait(timeout=seconds + 30)
-            if collapsed.exists():
-                report_path = collapsed.with_suffix(".txt")
-                report_path.write_text(profiling.top_functions(collapsed))
-                log(self.started, f"profile {key}: {report_path}")
+        profiles: dict[str, dict[str, Any]] = {}
+        self.results["profile"] = profiles
+        for target in targets:
+            assert target.pid is not None
+            for key, (seconds, scenario) in runs.items():
+                stem = self.args.out / f"profile-{target.name}-{key}"
+                collapsed, svg = stem.with_suffix(".collapsed"), stem.with_suffix(".svg")
+                recorders = [
+                    profiling.start_recording(target.pid, seconds, collapsed, LOAD_CPU),
+                    profiling.start_recording(target.pid, seconds, svg, LOAD_CPU, "flamegraph"),
+                ]
+                try:
+                    profiles.setdefault(target.name, {})[key] = scenario(target)
+                except FAILURES as exc:
+                    self.results["failures"][f"profile {key}/{target.name}"] = str(exc)[:600]
+                finally:
+                    for recorder in recorders:
+                        recorder.wait(timeout=seconds + 30)
+                if collapsed.exists():
+                    stem.with_suffix(".txt").write_text(profiling.top_functions(collapsed))
+                    log(self.started, f"profile {target.name} {key}: {stem}.txt, .svg")
+        if self.args.profile_md is not None:
+            self.args.profile_md.write_text(self.profile_markdown(targets))
+
+    def _on(self, backend_pid: int) -> dict[str, Any]:
+        return {"backend_pid": backend_pid, "settings": self.settings}
+
+    def profile_markdown(self, targets: list[Target]) -> str:
+        """The top ten frames of each profile, with the commit they were taken at."""
+        parts = [
+            "# Profiles: the top ten frames",
+            "",
+            f"Written by `python -m bench.run {' '.join(sys.argv[1:])}` on "
+            f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, commit {report.commit(ROOT)}. "
+            "py-spy at 250 Hz, without pausing the process, over each scenario's warm-up and run "
+            "(S3: its first shape); `self` is where samples land, `inclusive` the frames they "
+            "pass through. The flame graphs are `bench/out/profile-<path>-<scenario>.svg`.",
+            "",
+        ]
+        for target in targets:
+            for key in ("s1", "s2", "s2p", "s3"):
+                collapsed = self.args.out / f"profile-{target.name}-{key}.collapsed"
+                if collapsed.exists():
+                    title = f"{target.name}, {PROFILE_TITLES[key]}"
+                    parts.append(
+                        profiling.top_markdown(title, collapsed.read_text("utf-8", "replace"))
+                    )
+        return "\n".join(parts)
 
     def sweep(self) -> None:
         """Time to first event at a few concurrencies, plus S3's points, for the plot."""
@@ -311,7 +385,8 @@ def finish(suite: Suite, args: argparse.Namespace, argv: list[str] | None) -> in
         f"{suite.settings.s3[-1].gap_ms} ms apart)"
     )
     png = plot_ttfe(results["sweep"], args.out / "ttfe_vs_concurrency.png", note)
-    write_md = (not args.quick) if args.results_md is None else args.results_md
+    measured = not (args.quick or args.profile_only)
+    write_md = measured if args.results_md is None else args.results_md
     if write_md:
         plot_name = None
         if png is not None:
@@ -321,13 +396,15 @@ def finish(suite: Suite, args: argparse.Namespace, argv: list[str] | None) -> in
         results_md = ROOT / "bench" / "RESULTS.md"
         # The sections that make bench-fleet, make bench-workers and bench.auth write stay.
         kept = sections.keep(
-            results_md, keep_section(results_md, text), ("Workers", "Auth and limits")
+            results_md, keep_section(results_md, text), ("Workers", "Auth and limits", "Growth")
         )
         results_md.write_text(kept)
     print(f"\nwrote {args.out / 'results.json'}" + (f", {png}" if png else ""))
     print(f"logs of the processes under test: {suite.work}")
     for path, reason in results["unavailable"].items():
         print(f"{path} not measured: {reason.splitlines()[0]}")
+    if args.profile_only:
+        return 0  # no table: nothing was measured
     for warning in report.interference(results):
         print(f"warning: {warning}")
     print("\n" + report.text_table(rows))

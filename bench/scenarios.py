@@ -68,7 +68,15 @@ class Settings:
     connections: int = 64
     s1_tokens: int = 16
     s2_tokens: int = 50
-    s3: tuple[StreamShape, ...] = (StreamShape(1000, 20, 50, 200), StreamShape(5000, 20, 250, 1000))
+    # S2 paced: each event its own read, write and wake-up, as a GPU sends tokens.
+    s2p_gap_ms: int = 25
+    s2p_connections: int = 256
+    # S3a and S3b: 5,000 starts/s; S3c: 10,000 streams held open at one event a second.
+    s3: tuple[StreamShape, ...] = (
+        StreamShape(1000, 20, 50, 200),
+        StreamShape(5000, 20, 250, 1000),
+        StreamShape(10000, 10, 1000, 4000),
+    )
     sweep: tuple[int, ...] = (1, 10, 100, 300)  # plus S3's first shape, at 20 tokens 50 ms apart
     s4_reps: int = 5
     s4_hold_ms: int = 5000
@@ -79,7 +87,12 @@ class Settings:
             s1_s=2.0,
             s2_s=2.0,
             warmup_s=0.5,
-            s3=(StreamShape(500, 10, 50, 100), StreamShape(1000, 5, 250, 500)),
+            s2p_connections=64,
+            s3=(
+                StreamShape(500, 10, 50, 100),
+                StreamShape(1000, 5, 250, 500),
+                StreamShape(2000, 3, 1000, 800),
+            ),
             sweep=(1, 50),
             s4_reps=2,
             s4_hold_ms=2000,
@@ -148,10 +161,13 @@ def streamload(args: list[str], timeout_s: float) -> dict[str, Any]:
     return result
 
 
-def s1_requests(target: Target, backend_pid: int, settings: Settings) -> dict[str, Any]:
-    """S1: non-streaming chat over 64 keep-alive connections (wrk): req/s, latency, CPU."""
+def s1_requests(
+    target: Target, backend_pid: int, settings: Settings, body: bytes | None = None
+) -> dict[str, Any]:
+    """S1: non-streaming chat over 64 keep-alive connections (wrk): req/s, latency, CPU.
+    `body`: another request body than S1's short chat (the growth sweep's long prompts)."""
     url = f"{target.url}/v1/chat/completions"
-    body = chat_body(settings.s1_tokens, stream=False)
+    body = chat_body(settings.s1_tokens, stream=False) if body is None else body
     connections = settings.connections
     run_wrk(url, body, connections=connections, duration_s=settings.warmup_s, cpu=LOAD_CPU)
     with Window(target.pid, backend_pid) as window:
@@ -165,15 +181,24 @@ def s1_requests(target: Target, backend_pid: int, settings: Settings) -> dict[st
     }
 
 
-def s2_streams(target: Target, backend_pid: int, settings: Settings) -> dict[str, Any]:
-    """S2: streams of 50 tokens with no delay over 64 connections: chunks/s, CPU per chunk."""
+def s2_streams(
+    target: Target, backend_pid: int, settings: Settings, *, paced: bool = False
+) -> dict[str, Any]:
+    """S2: streams of 50 tokens over 64 connections: chunks/s, CPU per chunk. Back to back,
+    or `paced`: over 256 connections, each token `s2p_gap_ms` after the one before."""
     common = [
         f"--port={target.port}",
         "--mode=loop",
-        f"--connections={settings.connections}",
         f"--tokens={settings.s2_tokens}",
         f"--expect-events={settings.s2_tokens + 3}",  # role, tokens, finish, [DONE]
     ]
+    if paced:
+        common += [
+            f"--connections={settings.s2p_connections}",
+            f"--header=x-sim-chunk-delay-ms:{settings.s2p_gap_ms}",
+        ]
+    else:
+        common.append(f"--connections={settings.connections}")
     streamload([*common, f"--duration={settings.warmup_s}"], settings.warmup_s)
     with Window(target.pid, backend_pid) as window:
         load = streamload([*common, f"--duration={settings.s2_s}"], settings.s2_s)
@@ -213,6 +238,9 @@ def s3_concurrent(target: Target, shape: StreamShape) -> dict[str, Any]:
         **window.figures(),
         "shape": shape.key,
         "rss_mib": {"start": round(rss.start / MIB, 1), "peak": round(rss.peak / MIB, 1)},
+        "streams": shape.streams,
+        "rss_bytes": {"start": rss.start, "peak": rss.peak},  # report.bytes_per_stream
+        "proxy_cpu_us_per_stream": _per(window.proxy.cpu_s, load["requests"]),
     }
 
 

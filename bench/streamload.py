@@ -347,9 +347,17 @@ class LoadRunner:
         }
 
 
-def raise_nofile_limit() -> int:
-    """Lift the soft open-files limit to the hard one (thousands of sockets); the new limit."""
+def raise_nofile_limit(want: int = 0) -> int:
+    """Lift the open-files limit to `want` (both soft and hard: the processes started after
+    inherit it; raising the hard limit needs root, else the hard limit is kept), or at least
+    the soft one to the hard one (thousands of sockets); the new limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if want > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            return want
+        except (ValueError, OSError):
+            pass  # not allowed: keep the hard limit
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,18 @@ def run_wrk(
         str(SCRIPT),
         url,
     ]
-    done = subprocess.run(
-        pinned(argv, cpu),
-        capture_output=True,
-        text=True,
-        env={**os.environ, "WRK_BODY": body.decode()},
-        timeout=duration_s + 30,
-        check=False,
-    )
+    # From a file: a body past 128 KiB does not fit in one environment string.
+    with tempfile.NamedTemporaryFile(prefix="wrk-body-", suffix=".json") as body_file:
+        body_file.write(body)
+        body_file.flush()
+        done = subprocess.run(
+            pinned(argv, cpu),
+            capture_output=True,
+            text=True,
+            env={**os.environ, "WRK_BODY_FILE": body_file.name},
+            timeout=duration_s + 30,
+            check=False,
+        )
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith(MARK)), None)
     if line is None:
         raise RuntimeError(f"wrk printed no summary (exit {done.returncode}): {done.stderr[-500:]}")

@@ -1,7 +1,14 @@
 -- wrk script: POST a JSON body to every request, then print the summary as one JSON line.
--- The body comes from the WRK_BODY environment variable (bench/scenarios.py sets it).
+-- The body comes from the file WRK_BODY_FILE names (bench/wrk.py writes it).
 wrk.method = "POST"
-wrk.body = os.getenv("WRK_BODY") or '{"model":"sim-model","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+local path = os.getenv("WRK_BODY_FILE")
+local file = path and io.open(path, "rb")
+if file then
+  wrk.body = file:read("*a")
+  file:close()
+else
+  wrk.body = '{"model":"sim-model","messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
+end
 wrk.headers["Content-Type"] = "application/json"
 
 function done(summary, latency, requests)
