@@ -7,21 +7,26 @@ from /proc:
 
 - tracing off (no `tracing` section: the SDK is never imported);
 - tracing on, `sample_ratio: 0`: every request gets its trace context, nothing is exported;
-- tracing on, `sample_ratio: 1`: every request's two spans are exported to the sink.
+- tracing on, `sample_ratio: 1`: every request's two spans are exported to the sink;
+- with `--before REV`, first the gateway as it was at REV (`git archive`d to a scratch
+  directory), no tracing section: what tracing off costs against the code before its hooks.
 
 The cases run in rounds (each case once per round); each figure is the median of its rounds.
 Prints one table and writes bench/out/tracing.json; bench/RESULTS.md is left alone.
 
     python -m bench.tracing            # 3 rounds of 5 s per case
     python -m bench.tracing --quick    # 1 round of 2 s per case
+    python -m bench.tracing --before efd3d7d   # and the gateway before tracing, as the base
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,6 +50,7 @@ SIMBACKEND = [sys.executable, "-m", "bench.simbackend", "--ttft-ms", "0", "--chu
 class Case:
     name: str
     tracing: dict[str, Any] | None  # the config's tracing section (its endpoint added)
+    tree: Path | None = None  # run the gateway of this source tree (--before), not ours
     runs: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -54,6 +60,17 @@ def cases() -> list[Case]:
         Case("tracing on, sample_ratio 0 (nothing exported)", {"sample_ratio": 0}),
         Case("tracing on, sample_ratio 1 (2 spans per request exported)", {"sample_ratio": 1}),
     ]
+
+
+def source_tree(rev: str, work: Path) -> Path:
+    """The `proxy` package as it was at `rev`, unpacked under `work`."""
+    archive = subprocess.run(
+        ["git", "archive", rev, "proxy"], capture_output=True, cwd=ROOT, check=True
+    ).stdout
+    tree = work / f"tree-{rev}"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tree, filter="data")
+    return tree
 
 
 def collector(port: int) -> None:
@@ -95,7 +112,7 @@ def measure(case: Case, backend: str, sink: str, work: Path, seconds: float) -> 
     path = work / f"gateway-{port}.yaml"
     path.write_bytes(orjson.dumps(config))  # JSON is YAML
     argv = [sys.executable, "-m", "proxy", "--config", str(path)]
-    gateway = start("gateway", argv, port=port, cpu=PROXY_CPU, log_dir=work)
+    gateway = start("gateway", argv, port=port, cpu=PROXY_CPU, log_dir=work, cwd=case.tree)
     url = gateway.url + "/v1/chat/completions"
     body = chat_body(16, stream=False)
     try:
@@ -124,10 +141,11 @@ def median(case: Case, key: str) -> float:
 
 
 def table(all_cases: list[Case]) -> list[str]:
+    """The figures, each case's CPU against the first case's (the base)."""
     base = median(all_cases[0], "cpu_us")
     lines = [
         "| S1 case | requests/s | p50 (ms) | p99 (ms) | gateway CPU-us per request | "
-        "vs off | spans dropped | errors |",
+        "vs the first row | spans dropped | errors |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     lines.extend(
@@ -149,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
+    parser.add_argument("--before", metavar="REV", help="add the gateway at REV as the base case")
     parser.add_argument("--collector", type=int, help=argparse.SUPPRESS)  # the sink's own mode
     args = parser.parse_args(argv)
     if args.collector is not None:
@@ -159,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     all_cases = cases()
     with tempfile.TemporaryDirectory(prefix="bench-tracing-") as tmp:
         work = Path(tmp)
+        if args.before:
+            before = Case(f"before tracing ({args.before})", None, source_tree(args.before, work))
+            all_cases.insert(0, before)
         backend_port, sink_port = free_port(), free_port()
         backend = start(
             "simbackend",
