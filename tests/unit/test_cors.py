@@ -15,6 +15,7 @@ from proxy.cors import (
 )
 from proxy.errors import InvalidRequest, PermissionDenied
 from proxy.reload import changes
+from proxy.supervisor import config_text
 
 BACKEND = "backends:\n  gpu: {url: 'http://127.0.0.1:8001', kind: vllm}\n"
 
@@ -165,3 +166,12 @@ def test_a_reload_keeps_cors_for_the_restart() -> None:
     old = load_config(BACKEND)
     new = load_config(f"server:\n  cors: {{allow_origins: ['*']}}\n{BACKEND}")
     assert ("server.cors",) == changes(old, new).restart_only
+
+
+def test_workers_read_the_cors_in_force() -> None:
+    """The copy of the config that server.workers read back holds server.cors as it was."""
+    config = load_config(
+        "server:\n  workers: 2\n  cors: {allow_origins: ['https://a.example'],"
+        " allow_headers: ['*'], max_age_s: 60}\n" + BACKEND
+    )
+    assert config == load_config(config_text(config))
