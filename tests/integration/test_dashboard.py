@@ -154,11 +154,12 @@ def samples(result: list[dict[str, Any]]) -> list[float]:
     return [float(series["value"][1]) for series in result]
 
 
-async def test_every_panel_has_data_and_a_dead_backend_fires_its_alert(tmp_path: Path) -> None:
+async def test_every_panel_has_data_and_the_alerts_fire(tmp_path: Path) -> None:
     """With Prometheus scraping the gateway every second under traffic, every panel target's
-    expression returns at least one number; every rule evaluates without error; once the
-    spare backend is unplugged InferenceProxyBackendDown fires for it. The rules are loaded
-    from a copy whose `for:` is 1s (the shipped values are minutes)."""
+    expression returns at least one number; every rule evaluates without error; the error
+    ratio alert fires for the model whose backend answers 502; once the spare backend is
+    unplugged InferenceProxyBackendDown fires for it. The rules are loaded from a copy whose
+    `for:` is 1s (the shipped values are minutes)."""
     copy = tmp_path / "alerts.yml"
     loaded = yaml.safe_load(ALERTS.read_text())
     for group in loaded["groups"]:
@@ -182,6 +183,11 @@ async def test_every_panel_has_data_and_a_dead_backend_fires_its_alert(tmp_path:
                 'ALERTS{alertname="InferenceProxyBackendDown", alertstate="firing", '
                 'backend="spare"}'
             )
+            # 'broken' has 5xx answers and no cut stream: the sum still has it (a missing side
+            # counts as 0); 'limited' has 429s only, which are no failure.
+            ratio = 'ALERTS{alertname="InferenceProxyHighErrorRatio", alertstate="firing"'
+            assert await until_non_empty(prometheus, session, ratio + ', model="broken"}', 30)
+            assert [] == await prometheus.query(session, ratio + ', model="limited"}')
             assert [] == await prometheus.query(session, firing)
             await gateway.unplug("spare")
             assert await until_non_empty(prometheus, session, firing, within_s=30)
