@@ -54,8 +54,11 @@ async def begin(request: web.Request) -> Call:
         )
     body_by = min(deadline, now + state.config.server.body_timeout_s)
     try:
-        async with asyncio.timeout_at(body_by):
+        if request.content.is_eof():  # the whole body came with the head: nothing to wait for
             body = await request.read()
+        else:
+            async with asyncio.timeout_at(body_by):
+                body = await request.read()
     except TimeoutError:
         raise RequestTimeout(
             "the request body did not arrive in time (server.body_timeout_s, or the request's "

@@ -51,7 +51,7 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
     state, loop = call.state, asyncio.get_running_loop()
     failure: ProxyError = BackendUnreachable("no backend could take the request")
     tried: set[tuple[str, str | None]] = set()
-    pending = {(t.backend, t.upstream_model) for step in route.steps for t in step.candidates}
+    pending = distinct_targets(route)
     while True:
         full: list[tuple[Step, Target]] = []
         for index, step in enumerate(route.steps):
@@ -72,7 +72,7 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
                     continue
                 why = "fallback" if index else reason if place == 0 else "retry"
                 tried.add((target.backend, target.upstream_model))
-                last = len(tried) == len(pending)
+                last = len(tried) == pending
                 try:
                     return await attempt(call, route, backend, target, run, why, last)
                 except Retry as retry:
@@ -87,10 +87,18 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
         step, target = next((s, t) for s, t in full if t.backend == backend.name)
         tried.add((target.backend, target.upstream_model))
         try:
-            last = len(tried) == len(pending)
+            last = len(tried) == pending
             return await attempt(call, route, backend, target, run, "queued", last)
         except Retry as retry:
             failure = retry.error
+
+
+def distinct_targets(route: Plan) -> int:
+    """How many different targets (backend and upstream model) the plan can try."""
+    steps = route.steps
+    if len(steps) == 1 and len(steps[0].candidates) == 1:
+        return 1
+    return len({(t.backend, t.upstream_model) for step in steps for t in step.candidates})
 
 
 async def attempt(

@@ -22,7 +22,7 @@ from proxy.config import OptionalApi, serves
 from proxy.errors import Unsupported
 from proxy.forward import exchange, try_plan
 from proxy.ratelimit import limited
-from proxy.routing import Plan, Target, plan
+from proxy.routing import Plan, Target
 from proxy.state import STATE, GatewayState
 from proxy.stream_usage import Edit, apply, options_span, request_edit
 from proxy.translated import Adapter, exchange_translated
@@ -54,7 +54,7 @@ async def serve_model(
     backend for usage, made for backends that take it (`stream_usage`).
     """
     state, ex, body = call.state, call.ex, call.body
-    route = plan(state.config, model, state.known_models)
+    route = state.plan(model)
     ex.model_label = route.model_label
     check_scope(ex.principal, model)
     translation: Adapter | None = None
@@ -97,6 +97,8 @@ async def serve_model(
 def _only(route: Plan, able: Callable[[str], bool], path: str, state: GatewayState) -> Plan:
     """The plan without the targets whose backend cannot serve `path`, or `Unsupported` when
     none is left (so a tgi target never answers 501 for a vllm one that could serve it)."""
+    if all(able(t.backend) for step in route.steps for t in step.candidates):
+        return route  # the usual case: every target serves it
     steps = tuple(
         msgspec.structs.replace(step, candidates=kept)
         for step in route.steps

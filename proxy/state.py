@@ -19,6 +19,7 @@ from proxy.fleet import BackendHealth
 from proxy.keys import ManagedKeys
 from proxy.listener import GuardedServer
 from proxy.metrics import Metrics
+from proxy.routing import Plan, plan
 from proxy.signals import Signals
 from proxy.stream_usage import asks_stream_usage
 from proxy.upstream import Backend
@@ -69,6 +70,17 @@ class GatewayState:
         # Requests that began on this state and have not ended (a reload retires the old
         # state's backends only once this is 0).
         self.active = 0
+        self._plans: dict[str, Plan] = {}  # see `plan`
+
+    def plan(self, model: str) -> Plan:
+        """`routing.plan` for this config, made once per model the config names (any other
+        name's plan depends on the models the backends list, and is made each time)."""
+        made = self._plans.get(model)
+        if made is None:
+            made = plan(self.config, model, self.known_models)
+            if model in self.config.models:
+                self._plans[model] = made
+        return made
 
     def healthy(self, now: float) -> dict[str, bool]:
         """Each backend: probed up and not ejected, at `now` (monotonic)."""
