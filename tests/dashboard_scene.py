@@ -2,10 +2,10 @@
 gives every panel of conf/grafana/inference-proxy.json data.
 
 Each round sends: chats and streams (time to first token, gaps, tokens), a stream the backend
-cuts, a client that leaves mid-stream, requests to a backend that answers 502 (retries, an
-ejection, a fallback, a 5xx), requests over a model's rpm limit (429s), three slow requests at
-once to a backend with max_in_flight 1 (the queue), and one to the spare backend, which a test
-may unplug. The backends are fakes in the caller's event loop; the gateway is a real process.
+cuts, a client that leaves mid-stream (model fickle), requests to a backend that answers 502
+(retries, an ejection, a fallback, a 5xx), requests over a model's rpm limit (429s), three slow
+requests at once to a backend with max_in_flight 1 (the queue), and one to the spare backend,
+which a test may unplug. The backends are fakes in the caller's event loop; the gateway is a real process.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ models:
   limited: {{targets: [{{backend: gpu}}], limits: {{rpm: 2}}}}
   q: {{targets: [{{backend: narrow}}]}}
   s: {{targets: [{{backend: spare}}]}}
+  fickle: {{targets: [{{backend: gpu}}]}}
 """
 
 
@@ -133,8 +134,9 @@ async def post(
 
 
 async def leave_mid_stream(session: aiohttp.ClientSession, url: str) -> None:
-    """Read a long stream's first bytes, then close the connection."""
-    body = '{"model": "m", "stream": true, "messages": []}'
+    """Read a long stream's first bytes, then close the connection (model fickle, whose
+    clients all do)."""
+    body = '{"model": "fickle", "stream": true, "messages": []}'
     headers = {"Content-Type": "application/json", "x-scenario": "long"}
     async with session.post(url + CHAT, data=body, headers=headers) as r:
         await r.content.readany()

@@ -36,17 +36,17 @@ def panels() -> list[dict[str, Any]]:
     return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
 
 
+def substitute(expr: str) -> str:
+    """`expr` with Grafana's variables replaced (VARIABLES)."""
+    for name, value in VARIABLES.items():
+        expr = expr.replace(name, value)
+    assert "$" not in expr, expr
+    return expr
+
+
 def dashboard_exprs() -> list[str]:
     """Every panel target's expression, with Grafana's variables substituted."""
-    out = []
-    for panel in panels():
-        for target in panel["targets"]:
-            expr = target["expr"]
-            for name, value in VARIABLES.items():
-                expr = expr.replace(name, value)
-            assert "$" not in expr, expr
-            out.append(expr)
-    return out
+    return [substitute(target["expr"]) for panel in panels() for target in panel["targets"]]
 
 
 def rules() -> list[dict[str, Any]]:
@@ -157,7 +157,8 @@ def samples(result: list[dict[str, Any]]) -> list[float]:
 async def test_every_panel_has_data_and_the_alerts_fire(tmp_path: Path) -> None:
     """With Prometheus scraping the gateway every second under traffic, every panel target's
     expression returns at least one number; every rule evaluates without error; the error
-    ratio alert fires for the model whose backend answers 502; once the spare backend is
+    ratio alert fires for the model whose backend answers 502, not for one whose clients all
+    hang up mid-stream nor for one refused by its rate limit; once the spare backend is
     unplugged InferenceProxyBackendDown fires for it. The rules are loaded from a copy whose
     `for:` is 1s (the shipped values are minutes)."""
     copy = tmp_path / "alerts.yml"
@@ -188,6 +189,14 @@ async def test_every_panel_has_data_and_the_alerts_fire(tmp_path: Path) -> None:
             ratio = 'ALERTS{alertname="InferenceProxyHighErrorRatio", alertstate="firing"'
             assert await until_non_empty(prometheus, session, ratio + ', model="broken"}', 30)
             assert [] == await prometheus.query(session, ratio + ', model="limited"}')
+            # Every client of 'fickle' hangs up mid-stream: no failure of the gateway's, so no
+            # client can raise the error ratio by leaving. The panel reads 1 and 0.
+            assert [] == await prometheus.query(session, ratio + ', model="fickle"}')
+            (panel,) = (p for p in panels() if p["title"] == "Error ratio by model")
+            result = await prometheus.query(session, substitute(panel["targets"][0]["expr"]))
+            by_model = {r["metric"]["model"]: float(r["value"][1]) for r in result}
+            assert math.isclose(1.0, by_model["broken"])
+            assert 0.0 == by_model["fickle"]
             assert [] == await prometheus.query(session, firing)
             await gateway.unplug("spare")
             assert await until_non_empty(prometheus, session, firing, within_s=30)
