@@ -43,12 +43,15 @@ SERVER_ONLY_CMAKE=$HERE/server_only.cmake
 log() { printf '[real-backend %4ds] %s\n' "$SECONDS" "$*"; }
 die() { log "ERROR: $*" >&2; exit 1; }
 
-# Everything that changes the compiled binary. GGML_NATIVE=ON compiles for this CPU (AVX-512 here), so the
-# CPU's feature flags are part of the key: a wheel cached on one CPU is never run on another.
+# Everything that changes the compiled binary. The CPU features are fixed (AVX2, FMA, F16C: every x86-64
+# machine of this kind has them), not GGML_NATIVE: a native build on an Intel Xeon with AMX and AVX-512 FP16,
+# inside the Firecracker VM these machines are, dies with SIGSEGV at "llama threadpool init" (seen on
+# 2026-12-02; the same build ran on an AMD EPYC). The CPU's feature flags stay in the key all the same.
 #  - LLAMA_USE_PREBUILT_UI=OFF: otherwise the build downloads the web UI from a hub (fails offline).
 #  - server-only: server_only.cmake leaves llama-server alone in the ALL target that setup.py builds;
 #    static libs (no .so, so no _symlinks.json to restore) and Ninja.
-CMAKE_ARGS_BASE="-G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON -DGGML_CCACHE=OFF \
+CMAKE_ARGS_BASE="-G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_CCACHE=OFF \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF \
 -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF"
 
