@@ -44,9 +44,11 @@ log() { printf '[real-backend %4ds] %s\n' "$SECONDS" "$*"; }
 die() { log "ERROR: $*" >&2; exit 1; }
 
 # Everything that changes the compiled binary. The CPU features are fixed (AVX2, FMA, F16C: every x86-64
-# machine of this kind has them), not GGML_NATIVE: a native build on an Intel Xeon with AMX and AVX-512 FP16,
-# inside the Firecracker VM these machines are, dies with SIGSEGV at "llama threadpool init" (seen on
-# 2026-12-02; the same build ran on an AMD EPYC). The CPU's feature flags stay in the key all the same.
+# machine of this kind has them), not GGML_NATIVE: a native build on an Intel Xeon with AMX took ggml's AMX
+# matmul path, and Debian 12's GCC 12.2 miscompiles its tile setup (ggml_tile_config_init: only palette_id
+# and the first 32 bytes are stored, the rows/colsb stores are dropped), so LDTILECFG reads an invalid
+# config, #GP, SIGSEGV right after "llama threadpool init" (gdb on 2026-12-02; the VM itself runs AMX fine;
+# an AMD EPYC has no AMX, so never took that path). The CPU's feature flags stay in the key all the same.
 #  - LLAMA_USE_PREBUILT_UI=OFF: otherwise the build downloads the web UI from a hub (fails offline).
 #  - server-only: server_only.cmake leaves llama-server alone in the ALL target that setup.py builds;
 #    static libs (no .so, so no _symlinks.json to restore) and Ninja.
