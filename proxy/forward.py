@@ -49,7 +49,7 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
     target left is full, the request waits in the deadline-ordered queue for a slot.
     """
     state, loop = call.state, asyncio.get_running_loop()
-    failure: ProxyError = BackendUnreachable("no backend could take the request")
+    failure: ProxyError | None = None  # what the last target that failed said
     tried: set[tuple[str, str | None]] = set()
     pending = distinct_targets(route)
     while True:
@@ -78,7 +78,7 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
                 except Retry as retry:
                     failure = retry.error
         if not full:
-            raise failure
+            raise failure or BackendUnreachable("no backend could take the request")
         started = loop.time()
         backends = {state.backends[t.backend].name: state.backends[t.backend] for _, t in full}
         give_up = started + state.config.server.queue_timeout_s
@@ -217,11 +217,16 @@ class UpstreamTry:
 
         An answer another target may do better with is not relayed while one remains.
         """
-        try:
-            async with asyncio.timeout(self.head_s):
-                self.upstream = upstream = await send(self.backend, method, target, headers, body)
-        except TimeoutError:  # this one's own: the request's deadline comes as a cancel
-            raise HeadTimeout from None
+        if self.head_s is None:
+            self.upstream = upstream = await send(self.backend, method, target, headers, body)
+        else:
+            try:
+                async with asyncio.timeout(self.head_s):
+                    self.upstream = upstream = await send(
+                        self.backend, method, target, headers, body
+                    )
+            except TimeoutError:  # this one's own: the request's deadline comes as a cancel
+                raise HeadTimeout from None
         self.answered = True
         if self.may_retry and upstream.status in RETRY_STATUSES:
             raise Retry(str(upstream.status), backend_status_error(self.backend, upstream.status))

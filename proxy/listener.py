@@ -33,6 +33,8 @@ from aiohttp.http import HttpVersion11, RawRequestMessage
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.dispatch import dispatcher
+
 logger = logging.getLogger("proxy")
 
 # What the request factory took out of a request for the middleware to decide on.
@@ -81,7 +83,7 @@ class GuardedServer(web.Server):
             return request
 
         super().__init__(
-            app_server.request_handler,
+            dispatcher(runner.app, app_server.request_handler),
             request_factory=request_factory,
             handler_cancellation=app_server.handler_cancellation,
             **handler_options,
@@ -185,6 +187,11 @@ class _GatewayRequestHandler(RequestHandler):
     def __init__(self, server: GuardedServer, **options: Any) -> None:
         super().__init__(server, **options)
         self.server = server
+
+    def log_access(
+        self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
+    ) -> None:
+        """Nothing: the gateway's middleware writes the access log (aiohttp's is off)."""
 
     def handle_error(
         self,
