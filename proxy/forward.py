@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 
@@ -55,14 +55,18 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
     while True:
         full: list[tuple[Step, Target]] = []
         for index, step in enumerate(route.steps):
-            ordered, reason = order(
-                step.policy,
-                step.candidates,
-                snapshot(state, step.candidates, loop.time()),
-                state.rng,
-                key,
-                state.config.routing.load_factor,
-            )
+            if len(step.candidates) == 1:  # what `order` says of one, without a snapshot
+                ordered: Sequence[Target] = step.candidates
+                reason = "only"
+            else:
+                ordered, reason = order(
+                    step.policy,
+                    step.candidates,
+                    snapshot(state, step.candidates, loop.time()),
+                    state.rng,
+                    key,
+                    state.config.routing.load_factor,
+                )
             for place, target in enumerate(ordered):
                 if (target.backend, target.upstream_model) in tried:
                     continue
@@ -180,7 +184,7 @@ async def exchange(
     target = backend.target(path, request.raw_path.partition("?")[2])
     attempt = UpstreamTry(call, backend, may_retry)
     try:
-        async with asyncio.timeout_at(deadline):
+        async with state.deadlines.at(deadline):
             upstream = await attempt.send(request.method, target, headers, body)
             attempt.response, attempt.complete = await relay.start(request, upstream, ex)
             if not attempt.complete:

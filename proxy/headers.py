@@ -35,14 +35,10 @@ REQUEST_ID = "X-Request-ID"
 EVENT_STREAM = "text/event-stream"
 
 
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
-    """Header names the sender listed in `Connection`, which are hop-by-hop too."""
+def _connection_tokens(values: list[bytes]) -> set[bytes]:
+    """Header names the sender listed in its `Connection` headers, which are hop-by-hop too."""
     return {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-        if token.strip()
+        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
     }
 
 
@@ -52,25 +48,42 @@ def upstream_headers(client: RawHeaders, *, request_id: str, trace: bytes = b"")
     `trace`, the gateway's own trace context lines (tracing on), replaces the client's
     `traceparent` and `tracestate`; without it they pass as they came.
     Host, Content-Length and the backend's own key are added by the upstream leg.
+    One pass over the headers; a second only when the client sent `Connection`.
     """
-    headers = list(client)
-    drop = _NOT_UPSTREAM | _connection_tokens(headers) if headers else _NOT_UPSTREAM
-    if trace:
-        drop = drop | _TRACE_CONTEXT
-    lines = [name + b": " + value + b"\r\n" for name, value in headers if name.lower() not in drop]
+    drop = _NOT_UPSTREAM | _TRACE_CONTEXT if trace else _NOT_UPSTREAM
+    kept: list[tuple[bytes, bytes, bytes]] = []
+    listed: list[bytes] = []
+    for name, value in client:
+        lower = name.lower()
+        if lower in drop:
+            if lower == b"connection":
+                listed.append(value)
+        else:
+            kept.append((lower, name, value))
+    if listed:
+        tokens = _connection_tokens(listed)
+        kept = [h for h in kept if h[0] not in tokens]
+    lines = [name + b": " + value + b"\r\n" for _, name, value in kept]
     lines.append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n" + trace)
     return b"".join(lines)
 
 
 def downstream_headers(upstream: RawHeaders, *, request_id: str) -> CIMultiDict[str]:
-    """The backend's response headers minus hop-by-hop ones; event streams marked unbuffered."""
-    headers = list(upstream)
-    drop = _NOT_DOWNSTREAM | _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict(
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in headers
-        if name.lower() not in drop
-    )
+    """The backend's response headers minus hop-by-hop ones; event streams marked unbuffered.
+
+    One pass over the headers; the names a `Connection` header lists are taken out after.
+    """
+    out: CIMultiDict[str] = CIMultiDict()
+    listed: list[bytes] = []
+    for name, value in upstream:
+        lower = name.lower()
+        if lower in _NOT_DOWNSTREAM:
+            if lower == b"connection":
+                listed.append(value)
+        else:
+            out.add(name.decode("latin-1"), value.decode("latin-1"))
+    for token in _connection_tokens(listed) if listed else ():
+        out.popall(token.decode("latin-1"), None)
     out[REQUEST_ID] = request_id
     if is_event_stream(out.get("Content-Type", "")):
         out.setdefault("Cache-Control", "no-cache")

@@ -15,6 +15,7 @@ from proxy.accounting import UsageTally
 from proxy.admission import Admission
 from proxy.auth import KeySet
 from proxy.config import Config
+from proxy.deadlines import Deadlines
 from proxy.fleet import BackendHealth
 from proxy.keys import ManagedKeys
 from proxy.listener import GuardedServer
@@ -55,6 +56,7 @@ class GatewayState:
         self.clients: GuardedServer | None = None
         self.fleet = {name: BackendHealth() for name in config.backends}
         self.admission = Admission(config.server.max_queue)
+        self.deadlines = Deadlines()  # the requests' deadlines, on one timer
         # Backends that answered 429 or 503 lately are tried last until this loop time.
         self.saturated: dict[str, float] = {}
         # The backends' own load, from their /metrics, scraped beside the health checks.
