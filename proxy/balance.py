@@ -12,14 +12,30 @@ else is left (a health check may lag the truth in both directions).
   reports queued, from a fresh scrape of its `/metrics`; a full KV cache puts it last); the
   rest by the same measure.
 - `affinity`: requests with the same key (an `X-Session-ID`, else the prompt's first bytes)
-  go to the same replica: rendezvous hashing over the targets that are up, so two gateways
-  in front of the same replicas agree without talking to each other, and a replica that goes
-  away moves only its own keys. The load is bounded as in consistent hashing with bounded
-  loads (Mirrokni et al.): a replica is passed over while its load (in flight here, plus what
-  it reports queued) is above `load_factor` times the mean and above a floor (`rebalanced`),
-  or while it reports a full KV cache. No index of keys is kept, so nothing grows with
-  traffic; the flip side is that keys spread over the replicas as a hash spreads them (with
-  few keys, unevenly), not by what each replica holds.
+  go to the same replica. A key's home is its rendezvous hash over the targets that are up:
+  every gateway computes the same one without talking to the others, and a replica that goes
+  away moves only its own keys. On top of that the gateway keeps a bounded index of where it
+  placed each key lately (proxy/prefix_index.py, `routing.prefix_index_size` entries, LRU),
+  and `place` decides with it, as consistent hashing with bounded loads (Mirrokni et al.)
+  does over the keys each replica holds: a key the index does not hold goes to the first
+  replica in its rendezvous order that holds no more than `key_factor` times its (weighted)
+  share of the indexed keys, this one counted; its home, unless the home already holds more
+  than its share. A placed key then sticks to its replica while that one is up, so the
+  replica's prefix cache keeps serving it; only a replica that goes away loses its keys, to
+  the next placement. Why: a hash alone spreads a few dozen keys unevenly (48 tenants fell
+  21/19/8 on 3 replicas in bench/README.md's prefix run), and a replica whose cache cannot
+  hold its share evicts while the others have room. KV-cache room is a hard capacity, not a
+  queue that drains, so the key bound defaults to an even split (1.0: at most one key above
+  the share, rounded up); `load_factor` (1.25) would let the hash's own 20/20/8 through.
+  The price: two gateways agree on a key only while its home is within the bound on both
+  (every key of a fresh fleet's first arrivals, and every key of a gateway that sees the
+  same keys in the same order); once a key is placed past its home, a gateway that sees
+  other keys may place it elsewhere, and each replica's prefix is then cached twice.
+  Per request, the load is bounded as before: the key's replica is passed over
+  (`rebalanced`, the key staying where it is placed) while its load (in flight here, plus
+  what it reports queued) is above `load_factor` times its share and above a floor, or while
+  it reports a full KV cache. The gateway passes the placement to `order` in the key itself
+  (`pin`), so `order` stays a function of values.
 """
 
 from __future__ import annotations
@@ -64,7 +80,8 @@ def order(
     key: bytes = b"",
     load_factor: float = 1.25,
 ) -> tuple[list[Target], str]:
-    """The candidates in the order to try them, and why the first one leads."""
+    """The candidates in the order to try them, and why the first one leads; `key` is the
+    request's `affinity` key, pinned (`pin`) to its placed backend or not."""
     up = [t for t in candidates if loads[t.backend].up]
     down = [t for t in candidates if not loads[t.backend].up]
     if not up:  # every one down (probes failing fleet-wide, or none passed yet): still spread
@@ -122,12 +139,9 @@ def _least_loaded(
 def _affinity(
     targets: list[Target], loads: Mapping[str, Load], key: bytes, load_factor: float
 ) -> tuple[list[Target], str]:
-    """Rendezvous order for `key`; replicas over the load bound move behind the others."""
-    keyed = hashlib.blake2b(key, digest_size=8)  # the key hashed once, each target added on
-    if all(t.weight == targets[0].weight for t in targets):  # the highest digest wins
-        ranked = sorted(targets, key=lambda t: _digest(keyed, t), reverse=True)
-    else:
-        ranked = sorted(targets, key=lambda t: _score(keyed, t), reverse=True)
+    """The key's replica first (where it is pinned, else its rendezvous home), the rest in
+    the key's rendezvous order; replicas over the load bound move behind the others."""
+    pinned, key = unpin(key)
     total = weight = 0.0
     for t in targets:
         total += loads[t.backend].in_flight + loads[t.backend].queued
@@ -135,7 +149,7 @@ def _affinity(
 
     def over(t: Target) -> bool:
         # its share of the load with this request counted, times the factor, rounded up;
-        # never below the floor, so a nearly idle fleet keeps every key at home
+        # never below the floor, so a nearly idle fleet keeps every key where it lives
         load = loads[t.backend]
         if load.kv >= KV_FULL:  # it would queue or preempt the request: the next one takes it
             return True
@@ -143,13 +157,77 @@ def _affinity(
         share = math.ceil(load_factor * (total + 1) * t.weight / weight)
         return load.in_flight + load.queued + 1 > max(share, floor)
 
-    if not over(ranked[0]):  # the common case: the key's home takes it
+    lead = next((t for t in targets if t.backend == pinned), None)
+    if lead is not None and not over(lead):  # the common case: no hashing here at all
+        return [lead, *(t for t in targets if t is not lead)], "affinity"
+    ranked = rendezvous(targets, key_hash(key))
+    if lead is not None:
+        ranked.sort(key=lambda t: t is not lead)  # stable: the rest keep their order
+    elif not over(ranked[0]):  # an unpinned key's home takes it
         return ranked, "affinity"
     passed = [over(t) for t in ranked]
-    if all(passed):  # every replica over its bound: the key stays at home
+    if all(passed):  # every replica over its bound: the key stays where it lives
         return ranked, "affinity"
     within = [t for t, o in zip(ranked, passed, strict=True) if not o]
     return within + [t for t, o in zip(ranked, passed, strict=True) if o], "rebalanced"
+
+
+def place(
+    targets: Sequence[Target],
+    up: Mapping[str, bool],
+    keyed: hashlib.blake2b,
+    placed: str | None,
+    counts: Mapping[str, int],
+    key_factor: float,
+) -> str:
+    """The backend a key (`keyed`: its hash) lives on: `placed`, where the index has it,
+    while that one is up and a target; else the first up target in the key's rendezvous
+    order whose indexed keys, this one counted, are within `key_factor` times its share by
+    weight, rounded up (with `key_factor` >= 1 one always is). `counts`: keys per backend.
+    With every target down, as if every one were up (as `order` spreads then)."""
+    if placed is not None and up.get(placed) and any(t.backend == placed for t in targets):
+        return placed  # the common case, checked before anything is built
+    live = [t for t in targets if up.get(t.backend)] or list(targets)
+    if placed is not None and any(t.backend == placed for t in live):
+        return placed  # every target down: keys stay where they are
+    ranked = rendezvous(live, keyed)
+    total = sum(counts.get(backend, 0) for backend in {t.backend for t in live}) + 1
+    weight = sum(t.weight for t in live)
+    roomy = (
+        t
+        for t in ranked
+        if counts.get(t.backend, 0) + 1 <= math.ceil(key_factor * total * t.weight / weight)
+    )
+    return next(roomy, ranked[0]).backend
+
+
+def key_hash(key: bytes) -> hashlib.blake2b:
+    """The key hashed once; each target's rendezvous digest (and the index's entry) is made
+    from a copy of it."""
+    return hashlib.blake2b(key, digest_size=8)
+
+
+def rendezvous(targets: Sequence[Target], keyed: hashlib.blake2b) -> list[Target]:
+    """The targets by their rendezvous score for the key `keyed` hashed, the key's home first."""
+    if all(t.weight == targets[0].weight for t in targets):  # the highest digest wins
+        return sorted(targets, key=lambda t: _digest(keyed, t), reverse=True)
+    return sorted(targets, key=lambda t: _score(keyed, t), reverse=True)
+
+
+_PIN = b"@"  # affinity_key's keys start with "session:" or "prefix:", never with this
+
+
+def pin(key: bytes, backend: str) -> bytes:
+    """`key` with the backend the gateway's index placed it on, for `order` to lead with."""
+    return _PIN + backend.encode() + b"\0" + key
+
+
+def unpin(key: bytes) -> tuple[str | None, bytes]:
+    """The backend a key is pinned to (None: not pinned) and the key itself."""
+    if not key.startswith(_PIN):
+        return None, key
+    backend, _, bare = key[1:].partition(b"\0")
+    return backend.decode(errors="replace"), bare
 
 
 def _digest(keyed: hashlib.blake2b, target: Target) -> bytes:

@@ -101,6 +101,8 @@ class RoutingConfig(_Section, frozen=True):
 
     prefix_bytes: int = 2048  # of the prompt (messages, prompt or input) that make the key
     load_factor: float = 1.25  # a replica takes a key while its load is within this x average
+    prefix_index_size: int = 10_000  # keys whose replica is remembered (LRU); 0: no index
+    key_load_factor: float = 1.0  # a new key's replica holds at most this x its share of keys
 
 
 StreamUsage = Literal["auto", "always", "never"]
@@ -336,6 +338,8 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
         )
         if value < 1
     )
+    if r.prefix_index_size < 0:
+        errors.append("routing.prefix_index_size: must be 0 (no index) or more")
     errors.extend(
         f"{where}: must be a positive number"
         for where, value in (
@@ -349,6 +353,8 @@ def check(config: Config, broken: frozenset[str] = frozenset()) -> list[str]:
         errors.append("outlier_detection.max_ejection_s: must not be below base_ejection_s")
     if not (math.isfinite(r.load_factor) and r.load_factor > 1):
         errors.append("routing.load_factor: must be a number above 1")
+    if not (math.isfinite(r.key_load_factor) and r.key_load_factor >= 1):
+        errors.append("routing.key_load_factor: must be a number of 1 or more")
     if not _positive(config.usage.flush_s):
         errors.append("usage.flush_s: must be a positive number")
     if t.head_s is not None and not _positive(t.head_s):

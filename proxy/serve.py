@@ -116,13 +116,19 @@ def _only(route: Plan, able: Callable[[str], bool], path: str, state: GatewaySta
 def affinity_of(call: Call, route: Plan, path: str = "") -> bytes:
     """The request's key for the `affinity` policy (b"" when no model of the chain uses it);
     `path` is the OpenAI-style route the body is shaped for ("": any shape)."""
-    if not any(step.policy == "affinity" for step in route.steps):
+    step = next((step for step in route.steps if step.policy == "affinity"), None)
+    if step is None:
         return b""
     session = call.request.headers.get(SESSION_HEADER)
-    size = call.state.config.routing.prefix_bytes
+    state, routing = call.state, call.state.config.routing
     if session or not call.body:  # a session id keys it whatever the prompt
-        return affinity_key(session, b"", size)
-    return affinity_key(None, prompt_prefix(call.body, size, PROMPT_FIELDS.get(path)), size)
+        key = affinity_key(session, b"", routing.prefix_bytes)
+    else:
+        prompt = prompt_prefix(call.body, routing.prefix_bytes, PROMPT_FIELDS.get(path))
+        key = affinity_key(None, prompt, routing.prefix_bytes)
+    now = asyncio.get_running_loop().time()  # the first affinity model's key is indexed
+    up = {t.backend: state.fleet[t.backend].up(now) for t in step.candidates}
+    return state.prefix_index.route(step.model, key, step.candidates, up, routing.key_load_factor)
 
 
 # The OpenAI routes every surface maps onto, and the helper routes beside them.
