@@ -1,7 +1,7 @@
 """`make bench-fleet`: issue 9's figures: a fleet under a kill, a prefix cache, routing's cost.
 
-    python -m bench.fleet                   # all three parts (about 4 minutes)
-    python -m bench.fleet --parts cost      # one part: fleet, prefix, cost (comma list)
+    python -m bench.fleet                   # every part (about 4.5 minutes)
+    python -m bench.fleet --parts cost      # one part: fleet, prefix, cost, index (comma list)
     python -m bench.fleet --quick           # a smoke run of every part (about 2 minutes)
 
 Every process is started here, on loopback, and stopped by its PID: the simulated backends
@@ -19,6 +19,9 @@ and replaces the "Fleet" section of bench/RESULTS.md (full runs).
 - cost: the gateway's CPU-us per request (from /proc, as bench/run.py) in the S1 shape (wrk, 64
   connections, non-streamed, 16 tokens) for each policy over 2 targets, beside the one-backend
   `--backend` gateway, and with an ~8,000-token (32 KB) prompt.
+- index: in process, no sockets (bench/fleetindex.py): µs per request of `affinity`'s key, its
+  index and its order beside `least_loaded`'s order, with a key the index holds and with a new
+  key every call; the index's memory full and after a flood of new keys.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import orjson
 
 from bench import fleetload, fleetreport
 from bench.aio import run
+from bench.fleetindex import index_part
 from bench.fleetwork import (
     PrefixProfile,
     big_prompt_body,
@@ -432,7 +436,7 @@ def cost_part(settings: Settings, work: Path) -> dict[str, Any]:
 
 
 # -- the entry point -----------------------------------------------------------------------
-PARTS = {"fleet": fleet_part, "prefix": prefix_part, "cost": cost_part}
+PARTS = {"fleet": fleet_part, "prefix": prefix_part, "cost": cost_part, "index": index_part}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -441,7 +445,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--parts", default="fleet,prefix,cost", help="comma list")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma list")
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument(

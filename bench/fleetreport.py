@@ -182,6 +182,36 @@ def cost_table(cost: dict[str, Any]) -> Table:
     return header, rows
 
 
+INDEX_COLUMNS = (
+    "prompt_key_us", "least_loaded_order_us", "affinity_no_index_us", "affinity_known_key_us",
+    "affinity_new_key_us",
+)  # fmt: skip
+
+
+def index_table(index: dict[str, Any]) -> Table:
+    header = [
+        "body", "the prompt's key", "order, least_loaded", "key + order, affinity, no index",
+        "key + index + order, a key it holds", "key + index + order, a new key each call",
+    ]  # fmt: skip
+    rows = [
+        [label, *(f"{c[k]:.2f} us" for k in INDEX_COLUMNS)] for label, c in index["cases"].items()
+    ]
+    return header, rows
+
+
+def index_memory(index: dict[str, Any]) -> str:
+    m = index["memory"]
+    counts = ", ".join(f"{n} {c}" for n, c in m["keys_per_backend_after_flood"].items())
+    mib = {k: m[k] / 2**20 for k in ("full_bytes", "churned_bytes", "bytes_after_flood")}
+    return (
+        f"prefix index at its default size ({m['size']:,} keys): {mib['full_bytes']:.2f} MiB "
+        f"when first full, {mib['churned_bytes']:.2f} MiB once every entry was replaced by a new "
+        f"key ({m['churned_bytes'] / m['size']:.0f} bytes an entry), {mib['bytes_after_flood']:.2f}"
+        f" MiB after {10 * m['size']:,} more new keys, holding {m['entries_after_flood']:,}; "
+        f"keys per backend then: {counts}"
+    )
+
+
 def tables(results: dict[str, Any]) -> list[tuple[str, Table]]:
     out = []
     if "fleet" in results:
@@ -196,6 +226,13 @@ def tables(results: dict[str, Any]) -> list[tuple[str, Table]]:
         out.append(("Prefix cache: issue 9's targets", targets_table(results["prefix"])))
     if "cost" in results:
         out.append(("Cost: the gateway's CPU per request", cost_table(results["cost"])))
+    if "index" in results:
+        out.append(
+            (
+                "Cost: affinity's key and index per request, in process",
+                index_table(results["index"]),
+            )
+        )
     return out  # fmt: skip
 
 
@@ -213,6 +250,8 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             f"prefix: {t['target']}: {_n(t['figure'], 2)}x: " + ("met" if t["met"] else "MISSED")
             for t in results["prefix"]["targets"]
         ]
+    if "index" in results:
+        lines.append(index_memory(results["index"]))
     return lines  # fmt: skip
 
 

@@ -150,6 +150,8 @@ def gateway_yaml(
         "routing:",
         "  prefix_bytes: 2048",
         "  load_factor: 1.25",
+        "  prefix_index_size: 10000",
+        "  key_load_factor: 1",
         "backends:",
     ]
     for name, backend_port in backends.items():

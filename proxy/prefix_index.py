@@ -3,7 +3,7 @@
 The index maps a key's digest to the backend the key was placed on, and counts the entries
 of each backend (what `balance.place` bounds). The digest is 8 bytes of blake2b over the key
 and the model's name, made from the hash the rendezvous order is made from, so a request's
-key is hashed once; an entry costs the same whatever `routing.prefix_bytes` is (about 170
+key is hashed once; an entry costs the same whatever `routing.prefix_bytes` is (about 160
 bytes), and two keys whose digests collide only share a replica. The index never holds more
 than `routing.prefix_index_size` entries: a key past that evicts the least recently used
 one, so a client that sends a new prefix with every request only churns it. Backends are

@@ -1,0 +1,108 @@
+"""The `index` part of `python -m bench.fleet`: what `affinity`'s key and index cost, in process.
+
+No sockets: the pure functions the gateway runs per request for `affinity` (the prompt's key
+found by `prompt_prefix`, `affinity_key`, `PrefixIndex.route`, `balance.order`), timed with
+`timeit` (best of 5 rounds) beside `order` for `least_loaded`, for a small chat body and a
+32 KB (~8,000-token) prompt, with a key the index holds (a tenant's next turn) and a new key
+every call (a client sending a fresh prefix with every request); then the index's memory
+(tracemalloc) when full at its default size, and after a flood of new keys ten times that.
+"""
+
+from __future__ import annotations
+
+import random
+import timeit
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+from bench.fleetwork import big_prompt_body
+from bench.streamload import chat_body
+from proxy.balance import Load, affinity_key, order
+from proxy.config import RoutingConfig
+from proxy.prefix_index import PrefixIndex
+from proxy.routing import Target
+from proxy.serve import CHAT, PROMPT_FIELDS
+from proxy.view import prompt_prefix
+
+TARGETS = [Target(f"sim-{c}", None, 1.0) for c in "abc"]
+UP = {t.backend: True for t in TARGETS}
+IDLE = {t.backend: Load(in_flight=0, limit=None, up=True) for t in TARGETS}
+CALLS = 20_000
+
+
+def _us(fn: Callable[[], object]) -> float:
+    return round(min(timeit.repeat(fn, number=CALLS, repeat=5)) / CALLS * 1e6, 2)
+
+
+def _costs(body: bytes, routing: RoutingConfig) -> dict[str, float]:
+    """µs per call of each step for `body`, with a known key and with a new key each call."""
+    rng = random.Random(1)
+    index = PrefixIndex(routing.prefix_index_size)
+    fields = PROMPT_FIELDS[CHAT]
+
+    def key_of(text: bytes) -> bytes:
+        return affinity_key(None, prompt_prefix(text, routing.prefix_bytes, fields), 2048)
+
+    def known() -> object:
+        pinned = index.route("sim-model", key_of(body), TARGETS, UP, routing.key_load_factor)
+        return order("affinity", TARGETS, IDLE, rng, pinned, routing.load_factor)
+
+    fresh = iter(range(10**9))
+
+    def new() -> object:
+        key = affinity_key(None, b"%d " % next(fresh) + body[: routing.prefix_bytes], 2048)
+        pinned = index.route("sim-model", key, TARGETS, UP, routing.key_load_factor)
+        return order("affinity", TARGETS, IDLE, rng, pinned, routing.load_factor)
+
+    return {
+        "prompt_key_us": _us(lambda: key_of(body)),
+        "least_loaded_order_us": _us(lambda: order("least_loaded", TARGETS, IDLE, rng)),
+        "affinity_no_index_us": _us(
+            lambda: order("affinity", TARGETS, IDLE, rng, key_of(body), routing.load_factor)
+        ),
+        "affinity_known_key_us": _us(known),
+        "affinity_new_key_us": _us(new),
+    }
+
+
+def _memory(size: int) -> dict[str, Any]:
+    """Bytes per entry of a full index, then once every entry was replaced by a new key (its
+    table holds the slots churn leaves), and after ten times as many new keys again."""
+    index = PrefixIndex(size)
+    fresh = iter(range(10**9))
+
+    def flood(count: int) -> int:
+        for _ in range(count):
+            key = affinity_key(None, b"prefix %d " % next(fresh) * 200, 2048)
+            index.route("sim-model", key, TARGETS, UP, 1.0)
+        return tracemalloc.get_traced_memory()[0]
+
+    tracemalloc.start()
+    try:
+        full = flood(size)
+        churned = flood(size)
+        after = flood(10 * size)
+    finally:
+        tracemalloc.stop()
+    return {
+        "size": size,
+        "full_bytes": full,
+        "churned_bytes": churned,
+        "bytes_after_flood": after,
+        "entries_after_flood": len(index),
+        "keys_per_backend_after_flood": dict(sorted(index.counts.items())),
+    }
+
+
+def index_part(settings: object, work: object) -> dict[str, Any]:
+    """The part's figures (the harness's arguments are not needed: nothing is started)."""
+    routing = RoutingConfig()
+    return {
+        "calls_per_round": CALLS,
+        "cases": {
+            "small chat body": _costs(chat_body(16, stream=False), routing),
+            "32 KB prompt": _costs(big_prompt_body(), routing),
+        },
+        "memory": _memory(routing.prefix_index_size),
+    }
