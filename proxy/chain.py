@@ -14,10 +14,10 @@ import orjson
 from aiohttp import web
 
 from proxy.errors import PayloadTooLarge, RequestTimeout
-from proxy.exchange import ClientGone
+from proxy.exchange import ClientGone, Exchange
 from proxy.middleware import EXCHANGE
 from proxy.routing import UNKNOWN_MODEL
-from proxy.state import STATE
+from proxy.state import STATE, GatewayState
 from proxy.timeouts import TIMEOUT_HEADER, request_budget
 
 
@@ -26,10 +26,12 @@ class Call:
 
     __slots__ = ("body", "deadline", "ex", "request", "state", "stream")
 
-    def __init__(self, request: web.Request, body: bytes, deadline: float) -> None:
+    def __init__(
+        self, request: web.Request, state: GatewayState, ex: Exchange, body: bytes, deadline: float
+    ) -> None:
         self.request = request
-        self.state = request[STATE]
-        self.ex = request[EXCHANGE]
+        self.state = state
+        self.ex = ex
         self.body = body  # as received (a route may put its own translation in its place)
         self.deadline = deadline  # event-loop time
         self.stream = False  # the client asked for a stream (set once the body is read)
@@ -67,7 +69,7 @@ async def begin(request: web.Request) -> Call:
     except (ConnectionError, aiohttp.ClientPayloadError, asyncio.IncompleteReadError) as exc:
         raise ClientGone from exc
     ex.bytes_in = len(body)
-    return Call(request, body, deadline)
+    return Call(request, state, ex, body, deadline)
 
 
 def json_response(value: object, status: int = 200) -> web.Response:

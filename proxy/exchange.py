@@ -25,6 +25,7 @@ class Exchange:
         "event_gap",
         "events",
         "first_byte_at",
+        "limit_headers",
         "model_label",
         "open_event",
         "principal",
@@ -63,6 +64,7 @@ class Exchange:
         self.open_event = False  # the bytes relayed so far end inside an SSE event
         self.event_gap: float | None = None  # mean seconds between a stream's events
         self.tries: list[str] = []  # each backend tried, with why it was left when it was
+        self.limit_headers: dict[str, str] | None = None  # x-ratelimit-*, for the answer's head
 
 
 def disconnect_phase(ex: Exchange) -> str:

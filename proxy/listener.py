@@ -15,7 +15,7 @@ server, told of every connection's birth and end) adds both:
 - the answers aiohttp would make on its own never echo request bytes (a header value there
   may be a key): a request that does not parse gets the gateway's envelope from `malformed`
   (logged once a second at most, naming only the status), and `Expect` and a request line's
-  HTTP version are taken out of aiohttp's hands (`EXPECT`, `BAD_VERSION`) so the gateway's
+  HTTP version are taken out of aiohttp's hands (`ODDITIES`) so the gateway's
   middleware answers them, after authentication.
 """
 
@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 from ssl import SSLContext
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11, RawRequestMessage
@@ -37,9 +37,18 @@ from proxy.dispatch import dispatcher
 
 logger = logging.getLogger("proxy")
 
-# What the request factory took out of a request for the middleware to decide on.
-EXPECT: web.RequestKey[str] = web.RequestKey("expect", str)
-BAD_VERSION: web.RequestKey[str] = web.RequestKey("bad_version", str)
+
+class Oddities(NamedTuple):
+    """What the request factory took out of a request's head for the middleware to decide
+    on: its `Expect` value, and the HTTP version it named when that is over 1.1."""
+
+    expect: str | None = None
+    bad_version: str | None = None
+
+
+# Set on every request (the usual value, `PLAIN`, is shared), so reading it never misses.
+ODDITIES: web.RequestKey[Oddities] = web.RequestKey("oddities", Oddities)
+PLAIN = Oddities()
 
 _LOG_EVERY_S = 1.0
 _DRAIN_LOG_EVERY_S = 1.0
@@ -67,7 +76,9 @@ class GuardedServer(web.Server):
             expect = message.headers.get("Expect")
             version = message.version
             if expect is None and version <= HttpVersion11:
-                return make_request(message, *args)
+                request = make_request(message, *args)
+                request[ODDITIES] = PLAIN
+                return request
             message = message._replace(  # aiohttp would answer Expect itself, echoing it
                 headers=CIMultiDictProxy(
                     CIMultiDict((k, v) for k, v in message.headers.items() if k != "Expect")
@@ -76,10 +87,8 @@ class GuardedServer(web.Server):
                 version=min(version, HttpVersion11),  # and answer HTTP/2.0 in HTTP/1.1 framing
             )
             request = make_request(message, *args)
-            if expect is not None:
-                request[EXPECT] = expect
-            if version > HttpVersion11:
-                request[BAD_VERSION] = f"HTTP/{version.major}.{version.minor}"
+            bad = f"HTTP/{version.major}.{version.minor}" if version > HttpVersion11 else None
+            request[ODDITIES] = Oddities(expect, bad)
             return request
 
         super().__init__(

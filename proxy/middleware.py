@@ -30,7 +30,7 @@ from proxy.errors import (
 )
 from proxy.exchange import NO_BACKEND, ClientGone, Exchange, disconnect_phase
 from proxy.headers import REQUEST_ID
-from proxy.listener import BAD_VERSION, EXPECT
+from proxy.listener import ODDITIES, PLAIN
 from proxy.state import LIVE, STATE, GatewayState
 
 logger = logging.getLogger("proxy")
@@ -137,7 +137,8 @@ def _keyless_preflight(request: web.Request, state: GatewayState) -> bool:
 async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id, authentication (before routing), the handler, then one envelope for any
     error and one round of accounting (metrics, access log) for every request."""
-    state = request[STATE] = request.app[LIVE].state
+    live = request.app[LIVE]
+    state = request[STATE] = live.state
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else UNMATCHED_ROUTE
     ex = Exchange(
@@ -153,9 +154,10 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     if clients is not None:
         clients.request_started(request.protocol)
     try:
-        if BAD_VERSION in request:
+        odd = request.get(ODDITIES, PLAIN)  # set by the request factory: never a miss
+        if odd.bad_version is not None:
             raise VersionNotSupported(
-                f"{request[BAD_VERSION]} is not spoken here: send HTTP/1.1 (or HTTP/1.0)"
+                f"{odd.bad_version} is not spoken here: send HTTP/1.1 (or HTTP/1.0)"
             )
         if (
             request.path not in state.open_paths
@@ -164,13 +166,13 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         ):
             query_key = request.query.get("key") if ex.dialect == "gemini" else None
             ex.principal = authenticate(request.headers, state.keys, query_key, state.managed)
-        if EXPECT in request:  # only once the key is known good: no 100 for a refused request
-            await expect(request, request[EXPECT])
+        if odd.expect is not None:  # only once the key is known good: no 100 for a refusal
+            await expect(request, odd.expect)
         response = await handler(request)
         if not response.prepared:
             response.headers[REQUEST_ID] = ex.request_id
             ex.status = response.status
-            if request.app[LIVE].draining:
+            if live.draining:
                 response.force_close()  # a draining gateway takes no more requests on it
         return response
     except ProxyError as err:

@@ -47,6 +47,7 @@ from proxy.limits import (
     rules_for,
 )
 from proxy.metrics import Metrics
+from proxy.middleware import EXCHANGE
 from proxy.ratelimit_redis import Adjust, Leave, RedisLimits
 from proxy.resp import RespError
 from proxy.usage import Usage
@@ -319,8 +320,6 @@ def _fraction(share: float) -> str:
 
 
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter", Limiter)
-# The x-ratelimit-* headers of the request's answer, added when its head is prepared.
-LIMIT_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("limit_headers", dict)
 
 
 def limiter_for(config: Config, metrics: Metrics, workers: int) -> Limiter:
@@ -393,7 +392,7 @@ class limited:  # lower case: read as a phase of the chain, `async with limited(
         if decided is None:
             return
         verdict, grant = decided
-        call.request[LIMIT_HEADERS] = headers(verdict)
+        call.ex.limit_headers = headers(verdict)
         if not verdict.allowed:
             assert verdict.denied_by is not None
             metrics = call.state.metrics
@@ -415,6 +414,7 @@ class limited:  # lower case: read as a phase of the chain, `async with limited(
 async def add_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
     """`on_response_prepare`: the request's x-ratelimit-* headers go out with any answer's
     head (a stream's too, before its first byte), whoever built the response."""
-    extra = request.get(LIMIT_HEADERS)
+    ex = request.get(EXCHANGE)  # every request the middleware saw has one
+    extra = ex.limit_headers if ex is not None else None
     if extra:
         response.headers.update(extra)

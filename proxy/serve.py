@@ -62,7 +62,7 @@ async def serve_model(
     def native(backend: Backend) -> bool:
         return native_api is None or (native_api != NEVER and serves(backend.config, native_api))
 
-    if adapter is None:  # only targets that serve the route themselves can take it
+    if adapter is None and native_api is not None:  # only targets that serve it can take it
         route = _only(route, lambda name: native(state.backends[name]), native_path, state)
 
     async def run(backend: Backend, target: Target, may_retry: bool) -> web.StreamResponse:
