@@ -340,10 +340,13 @@ def notes(results: dict[str, Any]) -> list[str]:
 
 
 def replace_section(path: Path, section: str) -> None:
-    """Put `section` in place of the file's Fleet section (or after the rest)."""
+    """Put `section` in place of the file's Fleet section, where it stands (or after the rest)."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    text = re.sub(rf"\n{re.escape(SECTION)}\n.*?(?=\n## |\Z)", "", text, flags=re.S).rstrip("\n")
-    path.write_text(text + "\n\n" + section)
+    found = re.search(rf"\n{re.escape(SECTION)}\n.*?(?=\n## |\Z)", text, flags=re.S)
+    if found is None:
+        path.write_text(text.rstrip("\n") + "\n\n" + section)
+    else:
+        path.write_text(text[: found.start()] + "\n" + section + text[found.end() :])
 
 
 def keep_section(path: Path, new_text: str) -> str:

@@ -15,27 +15,28 @@ else is left (a health check may lag the truth in both directions).
   go to the same replica. A key's home is its rendezvous hash over the targets that are up:
   every gateway computes the same one without talking to the others, and a replica that goes
   away moves only its own keys. On top of that the gateway keeps a bounded index of where it
-  placed each key lately (proxy/prefix_index.py, `routing.prefix_index_size` entries, LRU),
+  placed each key lately (proxy/prefix_index.py: `routing.prefix_index_size` entries, LRU),
   and `place` decides with it, as consistent hashing with bounded loads (Mirrokni et al.)
-  does over the keys each replica holds: a key the index does not hold goes to the first
-  replica in its rendezvous order that holds no more than `key_factor` times its (weighted)
-  share of the indexed keys, this one counted; its home, unless the home already holds more
-  than its share. A placed key then sticks to its replica while that one is up, so the
-  replica's prefix cache keeps serving it; only a replica that goes away loses its keys, to
+  does, over the keys each replica holds: a key the index does not hold goes to its home
+  unless the home already holds more than `key_factor` times its (weighted) share of the
+  indexed keys, this one counted, rounded up; then to the next replica in the key's
+  rendezvous order that does not. A placed key sticks to its replica while that one is up,
+  so the replica's prefix cache keeps serving it; a replica that goes away loses its keys to
   the next placement. Why: a hash alone spreads a few dozen keys unevenly (48 tenants fell
   21/19/8 on 3 replicas in bench/README.md's prefix run), and a replica whose cache cannot
   hold its share evicts while the others have room. KV-cache room is a hard capacity, not a
-  queue that drains, so the key bound defaults to an even split (1.0: at most one key above
-  the share, rounded up); `load_factor` (1.25) would let the hash's own 20/20/8 through.
-  The price: two gateways agree on a key only while its home is within the bound on both
-  (every key of a fresh fleet's first arrivals, and every key of a gateway that sees the
-  same keys in the same order); once a key is placed past its home, a gateway that sees
-  other keys may place it elsewhere, and each replica's prefix is then cached twice.
+  queue that drains, so the key bound defaults to an even split (1: at most one key above
+  the share); `load_factor`'s 1.25 would let that hash's own 20/20/8 through.
+  The price: each gateway bounds the keys it indexed, so two gateways agree on a new key
+  whenever its home has room in both (the first keys of a fresh fleet, every key when they
+  see the same keys in the same order), and may place a key past its home differently;
+  that key's prefix is then cached on two replicas.
   Per request, the load is bounded as before: the key's replica is passed over
-  (`rebalanced`, the key staying where it is placed) while its load (in flight here, plus
-  what it reports queued) is above `load_factor` times its share and above a floor, or while
-  it reports a full KV cache. The gateway passes the placement to `order` in the key itself
-  (`pin`), so `order` stays a function of values.
+  (`rebalanced`; the key stays placed) for the next one in the key's rendezvous order while
+  its load (in flight here, plus what it reports queued) is above `load_factor` times its
+  share and above a floor, or while it reports a full KV cache. The index lives at the edge
+  (serve.affinity_of); its choice reaches `order` pinned in the key (`pin`), so `order` stays
+  a function of values, and a pinned key within its bound is not hashed again.
 """
 
 from __future__ import annotations
