@@ -5,7 +5,9 @@ found by `prompt_prefix`, `affinity_key`, `PrefixIndex.route`, `balance.order`),
 `timeit` (best of 5 rounds) beside `order` for `least_loaded`, for a small chat body and a
 32 KB (~8,000-token) prompt, with a key the index holds (a tenant's next turn) and a new key
 every call (a client sending a fresh prefix with every request); then the index's memory
-(tracemalloc) when full at its default size, and after a flood of new keys ten times that.
+(tracemalloc) when full at its default size, and after a flood of new keys ten times that;
+and, with the pure functions alone (no clock, seeded), where two gateways place the prefix
+part's 48 tenants when a load balancer sends each request to one of them at random.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-from bench.fleetwork import big_prompt_body
+from bench.fleetwork import PrefixProfile, big_prompt_body, shared_prefix_requests
 from bench.streamload import chat_body
-from proxy.balance import Load, affinity_key, order
+from proxy.balance import Load, affinity_key, order, unpin
 from proxy.config import RoutingConfig
 from proxy.prefix_index import PrefixIndex
 from proxy.routing import Target
@@ -95,6 +97,43 @@ def _memory(size: int) -> dict[str, Any]:
     }
 
 
+def two_gateways(factor: float, size: int, trials: int = 20) -> dict[str, float]:
+    """Two indexes, each fed the requests a coin sends it (the prefix part's 752, seeded):
+    how many tenants they place on different replicas, and the most system prompts one
+    replica must then cache (tenants either gateway placed on it), as means over `trials`."""
+    profile = PrefixProfile()
+    requests = shared_prefix_requests(profile, 752)
+    keys = [
+        affinity_key(None, prompt_prefix(b, 2048, PROMPT_FIELDS[CHAT]), 2048)
+        for b, _, _ in requests
+    ]
+    differ = held = 0.0
+    for trial in range(trials):
+        coin = random.Random(trial)
+        gateways = [PrefixIndex(size), PrefixIndex(size)]
+        placed: list[dict[bytes, str]] = [{}, {}]
+        for key in keys:
+            g = coin.randrange(2)
+            pinned = gateways[g].route("sim-model", key, TARGETS, UP, factor)
+            placed[g].setdefault(key, unpin(pinned)[0] or _home(key))
+        differ += sum(placed[0][k] != placed[1][k] for k in placed[0].keys() & placed[1].keys())
+        per_replica: dict[str, set[bytes]] = {}
+        for where in placed:
+            for key, backend in where.items():
+                per_replica.setdefault(backend, set()).add(key)
+        held += max(len(tenants) for tenants in per_replica.values())
+    return {
+        "tenants": profile.tenants,
+        "placed_differently": round(differ / trials, 1),
+        "busiest_replica_prompts": round(held / trials, 1),
+    }
+
+
+def _home(key: bytes) -> str:
+    """Where `order` sends an unpinned key (the index is off)."""
+    return order("affinity", TARGETS, IDLE, random.Random(0), key)[0][0].backend
+
+
 def index_part(settings: object, work: object) -> dict[str, Any]:
     """The part's figures (the harness's arguments are not needed: nothing is started)."""
     routing = RoutingConfig()
@@ -105,4 +144,26 @@ def index_part(settings: object, work: object) -> dict[str, Any]:
             "32 KB prompt": _costs(big_prompt_body(), routing),
         },
         "memory": _memory(routing.prefix_index_size),
+        "two_gateways": {
+            "one gateway, key_load_factor 1": _one_gateway(),
+            **{
+                f"two gateways, key_load_factor {f:g}": two_gateways(f, routing.prefix_index_size)
+                for f in (1.0, 1.25, 1.5)
+            },
+            "two gateways, no index (prefix_index_size 0)": two_gateways(1.0, 0),
+        },
+    }
+
+
+def _one_gateway() -> dict[str, float]:
+    """The same figures for one gateway that sees every request (nothing placed twice)."""
+    profile = PrefixProfile()
+    index = PrefixIndex(RoutingConfig().prefix_index_size)
+    for body, _, _ in shared_prefix_requests(profile, 752):
+        key = affinity_key(None, prompt_prefix(body, 2048, PROMPT_FIELDS[CHAT]), 2048)
+        index.route("sim-model", key, TARGETS, UP, 1.0)
+    return {
+        "tenants": profile.tenants,
+        "placed_differently": 0.0,
+        "busiest_replica_prompts": float(max(index.counts.values())),
     }

@@ -199,6 +199,18 @@ def index_table(index: dict[str, Any]) -> Table:
     return header, rows
 
 
+def gateways_table(index: dict[str, Any]) -> Table:
+    header = [
+        "case (the prefix part's 48 tenants, each request to one gateway at random)",
+        "tenants placed on different replicas", "system prompts the busiest replica must hold",
+    ]  # fmt: skip
+    rows = [
+        [label, _n(f["placed_differently"]), _n(f["busiest_replica_prompts"])]
+        for label, f in index["two_gateways"].items()
+    ]
+    return header, rows
+
+
 def index_memory(index: dict[str, Any]) -> str:
     m = index["memory"]
     counts = ", ".join(f"{n} {c}" for n, c in m["keys_per_backend_after_flood"].items())
@@ -233,6 +245,8 @@ def tables(results: dict[str, Any]) -> list[tuple[str, Table]]:
                 index_table(results["index"]),
             )
         )
+        title = "Two gateways, one index each (pure functions, seeded, means of 20 draws)"
+        out.append((title, gateways_table(results["index"])))
     return out  # fmt: skip
 
 
