@@ -7,7 +7,7 @@ OpenAI's shapes, `serve_model` under it for any of them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Literal
 
 import msgspec
@@ -114,7 +114,8 @@ def _only(route: Plan, able: Callable[[str], bool], path: str, state: GatewaySta
 
 
 def affinity_of(call: Call, route: Plan, path: str = "") -> bytes:
-    """The request's key for the `affinity` policy (b"" when no model of the chain uses it);
+    """The request's key for the `affinity` policy (b"" when no model of the chain uses it),
+    pinned by the gateway's index to the replica the first such model placed it on;
     `path` is the OpenAI-style route the body is shaped for ("": any shape)."""
     step = next((step for step in route.steps if step.policy == "affinity"), None)
     if step is None:
@@ -152,7 +153,7 @@ PROMPT_FIELDS = {
 HELPER_ROUTES: dict[str, OptionalApi] = {"/tokenize": "tokenize", "/detokenize": "detokenize"}
 
 
-async def serve_openai(
+def serve_openai(
     call: Call,
     path: str,
     model: str,
@@ -161,11 +162,12 @@ async def serve_openai(
     force_model: bool = False,
     model_at: tuple[int, int] | None = None,
     options_at: tuple[int, int] | msgspec.UnsetType | None = msgspec.UNSET,
-) -> web.StreamResponse:
+) -> Coroutine[None, None, web.StreamResponse]:
     """An OpenAI-shaped request for `model` at `path`: forwarded as is where the backend
     serves the route, translated where it does not (Responses; a `chat_template`).
     `model_at`, `options_at`: where `peek` found `model` and `stream_options` in the body
-    (UNSET: not looked for)."""
+    (UNSET: not looked for). Returns `serve_model`'s coroutine, to be awaited at once (one
+    frame fewer held for the life of each request)."""
     native_api: OptionalApi | None = None  # None: every backend serves the route
     adapter: Callable[[], Adapter] | None = None  # defined below for the routes that translate
     if path == EMBEDDINGS:
@@ -187,7 +189,7 @@ async def serve_openai(
     if call.stream and path in (CHAT, COMPLETIONS) and call.state.stream_usage:
         at = options_span(call.body) if options_at is msgspec.UNSET else options_at
         usage = request_edit(call.body, at)
-    return await serve_model(
+    return serve_model(
         call,
         model,
         native_path=path,
