@@ -51,12 +51,14 @@ def dispatcher(app: web.Application, slow: Handler) -> Handler:
     (aiohttp's own `Application._handle`)."""
     table = fixed_routes(app)
 
-    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+    def dispatch(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        # A plain function handing back the handler's coroutine: no frame of its own to keep
+        # for the life of the request.
         hit = table.get((request.method, request.rel_url.path_safe))
         if hit is None:
-            return await slow(request)
+            return slow(request)
         match_info, handler = hit
         request._match_info = match_info  # type: ignore[attr-defined]
-        return await handler(request)
+        return handler(request)
 
     return dispatch

@@ -14,6 +14,7 @@ from proxy.view import (
     model_span,
     peek,
     prompt_prefix,
+    raw_span,
     replace_model,
 )
 
@@ -311,3 +312,27 @@ def test_prompt_prefix_of_a_large_body_reads_only_its_start() -> None:
     over the rest (the values after it are never read: a broken tail does not matter)."""
     body = b'{"model": "m", "messages": [{"content": "' + b"x" * (32 << 20) + b"BROKEN"
     assert b'[{"content": "xxxxxx' == prompt_prefix(body, 20, CHAT_FIELDS)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"m"}',
+        b'{ "model" :\t\r\n "m" , "stream": true}',
+        b'{"messages": [{"content": "hi"}], "model": "m"}',
+        b'{"model": "model-7b"}',  # the word twice: the value's address is read instead
+        b'{"messages": [{"content": "the model"}], "model": "m"}',
+        b'{"x": "\\u0041", "model": "m"}',  # an escape: the value's address is read instead
+        '{"content": "模型", "model": "模型"}'.encode(),
+    ],
+)
+def test_model_at_is_where_msgspec_found_the_value(body: bytes) -> None:
+    """Found by search where the word is in the body once, else by the value's address:
+    the same span either way."""
+    found = msgspec.json.decode(body, type=_ModelOnly).model
+    view = peek(body)
+    assert view.model_at == raw_span(body, found)
+
+
+class _ModelOnly(msgspec.Struct):
+    model: msgspec.Raw
