@@ -87,11 +87,24 @@ def create_app(
     for name, backend in config.backends.items():
         if backend.api_key_env and not env.get(backend.api_key_env):
             logger.warning("backend %s: $%s is not set; sending no key", name, backend.api_key_env)
+    if _split_index(config, env):
+        logger.warning(
+            "routing: %s workers each keep their own affinity index and place keys apart; "
+            "set routing.prefix_index_size: 0 or routing.key_load_factor: 1.5 "
+            "(README: Routing a fleet)",
+            env.get(WORKERS_ENV),
+        )
     if keys or config.auth.store is not None:
         logger.info("auth on: %d key(s) from $%s", len(keys), config.auth.keys_env)
     else:
         logger.warning("auth OFF: no keys in $%s; every client is let in", config.auth.keys_env)
     return app
+
+
+def _split_index(config: Config, env: Mapping[str, str]) -> bool:
+    """Whether this is one of several workers that would each keep an `affinity` index."""
+    uses = any(m.policy == "affinity" for m in config.models.values())
+    return uses and config.routing.prefix_index_size > 0 and _workers(env) > 1
 
 
 def _workers(env: Mapping[str, str]) -> int:
