@@ -14,10 +14,9 @@ from proxy.stream_usage import USAGE_KEY, WHOLE_EVENTS, UsageFilter
 from proxy.upstream import Response
 from proxy.usage import (
     TAIL_BYTES,
-    carry_tail,
-    count_events,
     ends_event,
     ends_stream,
+    events_after,
     stream_usage,
     usage_in,
 )
@@ -109,8 +108,8 @@ class _Sink:
             self.first = data  # where a stream's opening event carries its prompt's count
         self.nbytes += len(data)
         if self.sse:
-            self.events += count_events(data, self.tail)
-            self.tail = carry_tail(self.tail, data)
+            counted, self.tail = events_after(self.tail, data)
+            self.events += counted
         self.before_last, self.last = self.last, data
         self.last_at = self.clock()
 

@@ -41,6 +41,14 @@ def carry_tail(tail: bytes, chunk: bytes) -> bytes:
     return chunk[-2:] if len(chunk) > 1 else (tail + chunk)[-2:]
 
 
+def events_after(tail: bytes, chunk: bytes) -> tuple[int, bytes]:
+    """`count_events(chunk, tail)` and `carry_tail(tail, chunk)` in one call, with the usual
+    case (LF framing, no terminator cut between two reads) made without either."""
+    if b"\r" in chunk or (tail and chunk[:1] in (b"\n", b"\r")) or len(chunk) < 2:
+        return count_events(chunk, tail), carry_tail(tail, chunk)
+    return chunk.count(b"\n\n"), chunk[-2:]
+
+
 def _terminators(data: bytes) -> int:
     n = data.count(b"\n\n")
     if b"\r" in data:  # CRLF framing is rare: a memchr pass first spares the second count

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import ProxyError
 from proxy.translate.chat_stream import ChatStreamParser, Event
-from proxy.usage import Usage, carry_tail, count_events, usage_in
+from proxy.usage import Usage, carry_tail, count_events, events_after, usage_in
 from tests.unit.test_properties_json import FAST
 
 SCALARS = (
@@ -78,6 +78,17 @@ def test_counting_with_the_relays_tail_equals_counting_the_whole(chunks: list[by
         counted += count_events(chunk, tail)
         tail = carry_tail(tail, chunk)
     assert count_events(b"".join(chunks)) == counted
+
+
+@FAST
+@given(splits())
+def test_the_relays_one_call_counts_as_the_two(chunks: list[bytes]) -> None:
+    """`events_after`, which `_Sink.account` calls, gives what `count_events` and
+    `carry_tail` give, chunk by chunk, however the body is split."""
+    tail = b""
+    for chunk in chunks:
+        assert events_after(tail, chunk) == (count_events(chunk, tail), carry_tail(tail, chunk))
+        tail = carry_tail(tail, chunk)
 
 
 def test_one_byte_pieces_are_counted() -> None:
