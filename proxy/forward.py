@@ -224,8 +224,9 @@ class UpstreamTry:
         if self.head_s is None:
             self.upstream = upstream = await send(self.backend, method, target, headers, body)
         else:
+            head_by = asyncio.get_running_loop().time() + self.head_s
             try:
-                async with asyncio.timeout(self.head_s):
+                async with self.state.deadlines.at(head_by):
                     self.upstream = upstream = await send(
                         self.backend, method, target, headers, body
                     )
