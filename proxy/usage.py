@@ -75,7 +75,8 @@ def ends_stream(tail: bytes) -> bool:
     if not ends_event(tail):
         return False
     body = tail.rstrip(b"\r\n")
-    start = max(body.rfind(b"\n\n"), body.rfind(b"\r\n\r\n"))
+    start = body.rfind(b"\n\n")  # a CRLF boundary counts only after it: searched there alone
+    start = max(start, body.rfind(b"\r\n\r\n", start + 1))
     last = body[start + 1 :]
     return any(marker in last for marker in _END_MARKERS) and b"data:" in last
 

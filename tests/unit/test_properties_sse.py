@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import ProxyError
 from proxy.translate.chat_stream import ChatStreamParser, Event
-from proxy.usage import Usage, carry_tail, count_events, events_after, usage_in
+from proxy.usage import Usage, carry_tail, count_events, ends_stream, events_after, usage_in
 from tests.unit.test_properties_json import FAST
 
 SCALARS = (
@@ -89,6 +89,25 @@ def test_the_relays_one_call_counts_as_the_two(chunks: list[bytes]) -> None:
     for chunk in chunks:
         assert events_after(tail, chunk) == (count_events(chunk, tail), carry_tail(tail, chunk))
         tail = carry_tail(tail, chunk)
+
+
+_FRAMING = st.lists(
+    st.sampled_from([b"data: x", b"data: [DONE]", b"event: message_stop", b"\n", b"\r\n", b"\r"]),
+    max_size=12,
+).map(b"".join)
+
+
+@FAST
+@given(_FRAMING)
+def test_ends_stream_finds_the_last_event_as_both_searches_would(tail: bytes) -> None:
+    """The last event starts after the later of the last LF and CRLF boundaries, however the
+    framings mix (the CRLF one is searched only after the LF one)."""
+    body = tail.rstrip(b"\r\n")
+    start = max(body.rfind(b"\n\n"), body.rfind(b"\r\n\r\n"))
+    last = body[start + 1 :]
+    ends = tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+    expected = ends and b"data:" in last and (b"[DONE]" in last or b"message_stop" in last)
+    assert ends_stream(tail) == expected
 
 
 def test_one_byte_pieces_are_counted() -> None:
