@@ -396,7 +396,9 @@ def finish(suite: Suite, args: argparse.Namespace, argv: list[str] | None) -> in
         results_md = ROOT / "bench" / "RESULTS.md"
         # The sections that make bench-fleet, make bench-workers and bench.auth write stay.
         kept = sections.keep(
-            results_md, keep_section(results_md, text), ("Workers", "Auth and limits", "Growth")
+            results_md,
+            keep_section(results_md, text),
+            ("Workers", "Auth and limits", "Growth", "Issue 12: where the gateway's time goes"),
         )
         results_md.write_text(kept)
     print(f"\nwrote {args.out / 'results.json'}" + (f", {png}" if png else ""))
