@@ -40,9 +40,12 @@ EXIT_START = 1  # the gateway could not start serving (its port is taken, say)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 STATUS_EVERY_S = 5.0
 PR_SET_PDEATHSIG = 1  # prctl(2)
-# Collections of the youngest generation every 20,000 allocations (Python: 700), the older
-# ones rarely: see settle_heap.
-GC_THRESHOLDS = (20_000, 50, 100)
+# Collections of the youngest generation every 20,000 allocations (Python: 700), and of the
+# middle one every 2nd of those (Python: 10th): what survives two young collections is mostly
+# open streams, and a middle generation left to gather 50 collections' survivors held a
+# million objects with 8,000 streams open, one pass over them stalling every stream for
+# 208 ms (bench/RESULTS.md, "Issue 12"). See settle_heap.
+GC_THRESHOLDS = (20_000, 2, 100)
 
 
 class CannotListen(Exception):
