@@ -42,18 +42,12 @@ def _connection_tokens(values: list[bytes]) -> set[bytes]:
     }
 
 
-def upstream_headers(client: RawHeaders, *, request_id: str, trace: bytes = b"") -> bytes:
-    """The client's end-to-end header lines, without its gateway credentials, plus the id.
-
-    `trace`, the gateway's own trace context lines (tracing on), replaces the client's
-    `traceparent` and `tracestate`; without it they pass as they came.
-    Host, Content-Length and the backend's own key are added by the upstream leg.
-    One pass over the headers; a second only when the client sent `Connection`.
-    """
-    drop = _NOT_UPSTREAM | _TRACE_CONTEXT if trace else _NOT_UPSTREAM
+def _end_to_end(headers: RawHeaders, drop: frozenset[bytes]) -> list[tuple[bytes, bytes, bytes]]:
+    """The headers not in `drop` nor named by a `Connection` header, as (lower-cased name,
+    name, value): one pass, and a second over what is kept only when `Connection` came."""
     kept: list[tuple[bytes, bytes, bytes]] = []
     listed: list[bytes] = []
-    for name, value in client:
+    for name, value in headers:
         lower = name.lower()
         if lower in drop:
             if lower == b"connection":
@@ -62,28 +56,29 @@ def upstream_headers(client: RawHeaders, *, request_id: str, trace: bytes = b"")
             kept.append((lower, name, value))
     if listed:
         tokens = _connection_tokens(listed)
-        kept = [h for h in kept if h[0] not in tokens]
-    lines = [name + b": " + value + b"\r\n" for _, name, value in kept]
+        return [h for h in kept if h[0] not in tokens]
+    return kept
+
+
+def upstream_headers(client: RawHeaders, *, request_id: str, trace: bytes = b"") -> bytes:
+    """The client's end-to-end header lines, without its gateway credentials, plus the id.
+
+    `trace`, the gateway's own trace context lines (tracing on), replaces the client's
+    `traceparent` and `tracestate`; without it they pass as they came.
+    Host, Content-Length and the backend's own key are added by the upstream leg.
+    """
+    drop = _NOT_UPSTREAM | _TRACE_CONTEXT if trace else _NOT_UPSTREAM
+    lines = [name + b": " + value + b"\r\n" for _, name, value in _end_to_end(client, drop)]
     lines.append(b"X-Request-ID: " + request_id.encode("latin-1") + b"\r\n" + trace)
     return b"".join(lines)
 
 
 def downstream_headers(upstream: RawHeaders, *, request_id: str) -> CIMultiDict[str]:
-    """The backend's response headers minus hop-by-hop ones; event streams marked unbuffered.
-
-    One pass over the headers; the names a `Connection` header lists are taken out after.
-    """
-    out: CIMultiDict[str] = CIMultiDict()
-    listed: list[bytes] = []
-    for name, value in upstream:
-        lower = name.lower()
-        if lower in _NOT_DOWNSTREAM:
-            if lower == b"connection":
-                listed.append(value)
-        else:
-            out.add(name.decode("latin-1"), value.decode("latin-1"))
-    for token in _connection_tokens(listed) if listed else ():
-        out.popall(token.decode("latin-1"), None)
+    """The backend's response headers minus hop-by-hop ones; event streams marked unbuffered."""
+    out: CIMultiDict[str] = CIMultiDict(
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for _, name, value in _end_to_end(upstream, _NOT_DOWNSTREAM)
+    )
     out[REQUEST_ID] = request_id
     if is_event_stream(out.get("Content-Type", "")):
         out.setdefault("Cache-Control", "no-cache")
