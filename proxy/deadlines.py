@@ -1,69 +1,79 @@
 """Request deadlines on one timer: what `asyncio.timeout_at` does, without a timer each.
 
 A timer on uvloop costs about 3 µs to make and cancel, and every request needs one for its
-deadline, although almost none fires. Here the deadlines wait in slots of `SLOT_S` (a set
-each, so one that is met leaves in O(1)); one loop timer is armed for the earliest slot that
-holds any, and re-armed only when an earlier one fills or that slot is done. A deadline is
-kept to within one slot, late, never early.
+deadline, although almost none fires. Here the deadlines wait in one heap; one loop timer is
+armed for the earliest that is still held, and re-armed only when an earlier one comes or that
+one is due. A deadline that is met is marked and left in the heap (taking it out would cost a
+search); marked ones are dropped as they reach the top, and the heap is rebuilt without them
+once they outnumber the held ones, so its size follows the requests in flight, whatever
+deadlines clients ask for.
 
-`Slots` is the pure part (values and times in, values out); `Deadlines` puts it on a loop.
+`Pending` is the pure part (values and times in, values out); `Deadlines` puts it on a loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import math
 from types import TracebackType
 
-SLOT_S = 0.01  # how late a deadline may fire: a request's budget is counted in seconds
+_COMPACT_OVER = 64  # marked entries tolerated before a rebuild is worth its pass
 
 
-class Slots:
-    """Deadlines grouped by the slot they end in; the earliest slot first."""
+class Pending:
+    """Items held until a time, the earliest first; an item let go of is only marked."""
 
-    def __init__(self, slot_s: float = SLOT_S) -> None:
-        self.slot_s = slot_s
-        self.slots: dict[int, set[object]] = {}
-        self.order: list[int] = []  # slot numbers, a heap; each once while its slot exists
+    def __init__(self) -> None:
+        self.heap: list[list[object]] = []  # [when, seq, item]; item None: let go of
+        self.marked = 0
+        self._seq = itertools.count()
 
-    def add(self, when: float, item: object) -> int:
-        """Keep `item` until `when`; returns its slot (to `discard` it by)."""
-        slot = math.ceil(when / self.slot_s)
-        held = self.slots.get(slot)
-        if held is None:
-            held = self.slots[slot] = set()
-            heapq.heappush(self.order, slot)
-        held.add(item)
-        return slot
+    def add(self, when: float, item: object) -> list[object]:
+        """Hold `item` until `when`; returns its entry (to `drop` it by)."""
+        entry: list[object] = [when, next(self._seq), item]
+        heapq.heappush(self.heap, entry)
+        return entry
 
-    def discard(self, slot: int, item: object) -> None:
-        held = self.slots.get(slot)
-        if held is not None:
-            held.discard(item)
+    def drop(self, entry: list[object]) -> None:
+        """Let go of an entry before its time."""
+        if entry[2] is not None:
+            entry[2] = None
+            self.marked += 1
+            if self.marked > _COMPACT_OVER and self.marked * 2 > len(self.heap):
+                self.heap = [e for e in self.heap if e[2] is not None]
+                heapq.heapify(self.heap)
+                self.marked = 0
 
     def due(self, now: float) -> list[object]:
-        """The items whose slot has ended by `now`, taken out; empty slots go with them."""
+        """The items whose time has come by `now`, taken out."""
         out: list[object] = []
-        order, slots = self.order, self.slots
-        while order and order[0] * self.slot_s <= now:
-            out.extend(slots.pop(heapq.heappop(order)))
+        heap = self.heap
+        while heap and heap[0][0] <= now:  # type: ignore[operator]
+            entry = heapq.heappop(heap)
+            if entry[2] is None:
+                self.marked -= 1
+            else:
+                out.append(entry[2])
+                entry[2] = None  # out of the heap: a later `drop` of it counts nothing
         return out
 
     def next_at(self) -> float | None:
-        """When the earliest slot still holding an item ends (empty ones are dropped)."""
-        order, slots = self.order, self.slots
-        while order and not slots[order[0]]:
-            del slots[heapq.heappop(order)]
-        return order[0] * self.slot_s if order else None
+        """When the earliest item still held is due (marked ones at the top are dropped)."""
+        heap = self.heap
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+            self.marked -= 1
+        return heap[0][0] if heap else None  # type: ignore[return-value]
 
 
 class Deadlines:
     """The request deadlines of one event loop (the first that holds one), on one timer."""
 
-    def __init__(self, slot_s: float = SLOT_S) -> None:
+    def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.slots = Slots(slot_s)
+        self.pending = Pending()
         self.timer: asyncio.TimerHandle | None = None
         self.armed_at = math.inf
 
@@ -71,15 +81,14 @@ class Deadlines:
         """`async with deadlines.at(when):` as `asyncio.timeout_at(when)` (TimeoutError)."""
         return Deadline(self, when)
 
-    def _hold(self, deadline: Deadline, loop: asyncio.AbstractEventLoop) -> int:
+    def _hold(self, deadline: Deadline, loop: asyncio.AbstractEventLoop) -> list[object]:
         if self.loop is not loop:
             assert self.loop is None, "one loop's deadlines"
             self.loop = loop
-        slot = self.slots.add(deadline.when, deadline)
-        end = slot * self.slots.slot_s
-        if end < self.armed_at:
-            self._arm(end)
-        return slot
+        entry = self.pending.add(deadline.when, deadline)
+        if deadline.when < self.armed_at:
+            self._arm(deadline.when)
+        return entry
 
     def _arm(self, end: float) -> None:
         assert self.loop is not None
@@ -91,10 +100,10 @@ class Deadlines:
     def _fire(self) -> None:
         assert self.loop is not None
         self.timer, self.armed_at = None, math.inf
-        for deadline in self.slots.due(self.loop.time()):
+        for deadline in self.pending.due(self.loop.time()):
             assert isinstance(deadline, Deadline)
             deadline.expire()
-        end = self.slots.next_at()
+        end = self.pending.next_at()
         if end is not None:
             self._arm(end)
 
@@ -103,7 +112,7 @@ class Deadline:
     """One block's deadline: the task running it is cancelled when it passes, and the block
     raises TimeoutError (a cancel from anywhere else passes through as it came)."""
 
-    __slots__ = ("cancelling", "deadlines", "expired", "slot", "task", "when")
+    __slots__ = ("cancelling", "deadlines", "entry", "expired", "task", "when")
 
     def __init__(self, deadlines: Deadlines, when: float) -> None:
         self.deadlines = deadlines
@@ -117,10 +126,10 @@ class Deadline:
         self.cancelling = task.cancelling()
         loop = task.get_loop()
         if self.when <= loop.time():
-            self.slot = -1
+            self.entry = None
             self.expire()  # passed already: as asyncio.timeout_at, cancelled at the next await
         else:
-            self.slot = self.deadlines._hold(self, loop)
+            self.entry = self.deadlines._hold(self, loop)
 
     def expire(self) -> None:
         if not self.expired:
@@ -133,8 +142,8 @@ class Deadline:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.slot >= 0:
-            self.deadlines.slots.discard(self.slot, self)
+        if self.entry is not None:
+            self.deadlines.pending.drop(self.entry)
         if (
             self.expired
             and self.task.uncancel() <= self.cancelling
