@@ -109,6 +109,8 @@ def successor(
     new.managed, new.admin = old.managed, old.admin  # auth.store: a change waits for a restart
     new.usage_tally = old.usage_tally  # usage not yet written goes on being summed
     new.tracer = old.tracer  # the app's, for its life: a change of `tracing` waits for a restart
+    if config.routing.prefix_index_size == old.config.routing.prefix_index_size:
+        new.prefix_index = old.prefix_index  # where keys were placed: their caches stay warm
     for name, backend_config in config.backends.items():
         kept = old.backends.get(name)
         if kept is not None and _pool_key(old.config, name) == _pool_key(config, name):

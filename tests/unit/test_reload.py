@@ -122,3 +122,16 @@ async def test_a_setting_that_needs_no_new_connection_applies_to_the_same_backen
     assert [] == gone
     for backend in new.backends.values():
         backend.close()
+
+
+async def test_successor_keeps_the_affinity_index_while_its_size_stays() -> None:
+    """Where keys were placed survives a reload (their replicas' caches stay warm); a new
+    `routing.prefix_index_size` starts an index of that size."""
+    old = state_of(load_config(OLD))
+    same, gone = successor(old, load_config(NEW), {})
+    assert same.prefix_index is old.prefix_index
+    resized, more = successor(old, load_config(NEW + "routing: {prefix_index_size: 5}\n"), {})
+    assert resized.prefix_index is not old.prefix_index
+    assert 5 == resized.prefix_index.size
+    for backend in [*same.backends.values(), *gone, *resized.backends.values(), *more]:
+        backend.close()
