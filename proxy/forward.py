@@ -203,6 +203,17 @@ async def exchange(
 class UpstreamTry:
     """One try on one backend: what it has sent back so far, and how it ends."""
 
+    __slots__ = (
+        "answered",
+        "backend",
+        "complete",
+        "head_s",
+        "may_retry",
+        "response",
+        "state",
+        "upstream",
+    )
+
     def __init__(self, call: Call, backend: Backend, may_retry: bool = False) -> None:
         self.state = call.state
         self.backend = backend
