@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import ssl
 import time
 from urllib.parse import urlsplit
 
-from proxy.errors import BackendUnreachable
+from proxy.errors import BackendUnreachable, Overloaded
 from proxy.upstream.connection import Connection
 
 
@@ -140,6 +141,12 @@ class Pool:
                 f"{exc.reason or exc} (does it serve https on that port?)"
             ) from exc
         except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):  # the gateway's own limit: not the
+                raise Overloaded(  # backend's fault, so nothing counts against its health
+                    "the gateway has no file descriptor left for a backend connection (its "
+                    "open-files limit); raise the limit (LimitNOFILE) or lower "
+                    "server.max_connections"
+                ) from exc
             raise BackendUnreachable(
                 f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
             ) from exc
