@@ -18,6 +18,7 @@ import aiohttp
 from aiohttp import web
 
 LIMIT = 48
+FAILURES = 6  # more than outlier_detection.consecutive_failures (5): would have ejected it
 STREAM = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}'
 
 
@@ -89,6 +90,9 @@ async def _run(backend_url: str, extra_idle: int) -> tuple[list[dict[str, object
                     break  # its accept found no descriptor: the client waits in the backlog
                 if r.status != 200:
                     errors.append(await r.json())
+                    for _ in range(FAILURES):  # again on the same connection: no new accept
+                        async with s.post(f"{base}/v1/chat/completions", data=STREAM) as again:
+                            errors.append(await again.json())
                     break
                 held.append(r)
         for r in held:
@@ -119,6 +123,8 @@ async def test_a_gateway_out_of_descriptors_answers_503_and_ejects_no_backend(
         seen += errors
         assert 'proxy_backend_ejections_total{backend="default"} ' not in metrics  # none
     assert seen, "no run reached the backend connection's limit"
+    assert len(seen) == 1 + FAILURES  # each refused, none passed on to an ejected backend
+    assert all(e["error"]["type"] == "overloaded" for e in seen)  # type: ignore[index]
     error = seen[0]["error"]
     assert isinstance(error, dict)
     assert error["type"] == "overloaded"
