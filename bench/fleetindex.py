@@ -20,15 +20,14 @@ from typing import Any
 
 from bench.fleetwork import PrefixProfile, big_prompt_body, shared_prefix_requests
 from bench.streamload import chat_body
-from proxy.balance import Load, affinity_key, order, unpin
+from proxy.balance import Load, affinity, affinity_key, order
 from proxy.config import RoutingConfig
 from proxy.prefix_index import PrefixIndex
 from proxy.routing import Target
 from proxy.serve import CHAT, PROMPT_FIELDS
 from proxy.view import prompt_prefix
 
-TARGETS = [Target(f"sim-{c}", None, 1.0) for c in "abc"]
-UP = {t.backend: True for t in TARGETS}
+TARGETS = tuple(Target(f"sim-{c}", None, 1.0) for c in "abc")
 IDLE = {t.backend: Load(in_flight=0, limit=None, up=True) for t in TARGETS}
 CALLS = 20_000
 
@@ -47,21 +46,23 @@ def _costs(body: bytes, routing: RoutingConfig) -> dict[str, float]:
         return affinity_key(None, prompt_prefix(text, routing.prefix_bytes, fields), 2048)
 
     def known() -> object:
-        pinned = index.route("sim-model", key_of(body), TARGETS, UP, routing.key_load_factor)
-        return order("affinity", TARGETS, IDLE, rng, pinned, routing.load_factor)
+        placed = index.affinity("sim-model", key_of(body), TARGETS, IDLE, routing.key_load_factor)
+        return order("affinity", TARGETS, IDLE, rng, placed, routing.load_factor)
 
     fresh = iter(range(10**9))
 
     def new() -> object:
         key = affinity_key(None, b"%d " % next(fresh) + body[: routing.prefix_bytes], 2048)
-        pinned = index.route("sim-model", key, TARGETS, UP, routing.key_load_factor)
-        return order("affinity", TARGETS, IDLE, rng, pinned, routing.load_factor)
+        placed = index.affinity("sim-model", key, TARGETS, IDLE, routing.key_load_factor)
+        return order("affinity", TARGETS, IDLE, rng, placed, routing.load_factor)
 
     return {
         "prompt_key_us": _us(lambda: key_of(body)),
         "least_loaded_order_us": _us(lambda: order("least_loaded", TARGETS, IDLE, rng)),
         "affinity_no_index_us": _us(
-            lambda: order("affinity", TARGETS, IDLE, rng, key_of(body), routing.load_factor)
+            lambda: order(
+                "affinity", TARGETS, IDLE, rng, affinity(key_of(body), TARGETS), routing.load_factor
+            )
         ),
         "affinity_known_key_us": _us(known),
         "affinity_new_key_us": _us(new),
@@ -77,7 +78,7 @@ def _memory(size: int) -> dict[str, Any]:
     def flood(count: int) -> int:
         for _ in range(count):
             key = affinity_key(None, b"prefix %d " % next(fresh) * 200, 2048)
-            index.route("sim-model", key, TARGETS, UP, 1.0)
+            index.affinity("sim-model", key, TARGETS, IDLE, 1.0)
         return tracemalloc.get_traced_memory()[0]
 
     tracemalloc.start()
@@ -114,8 +115,8 @@ def two_gateways(factor: float, size: int, trials: int = 20) -> dict[str, float]
         placed: list[dict[bytes, str]] = [{}, {}]
         for key in keys:
             g = coin.randrange(2)
-            pinned = gateways[g].route("sim-model", key, TARGETS, UP, factor)
-            placed[g].setdefault(key, unpin(pinned)[0] or _home(key))
+            where = gateways[g].affinity("sim-model", key, TARGETS, IDLE, factor).home
+            placed[g].setdefault(key, where)
         differ += sum(placed[0][k] != placed[1][k] for k in placed[0].keys() & placed[1].keys())
         per_replica: dict[str, set[bytes]] = {}
         for where in placed:
@@ -127,11 +128,6 @@ def two_gateways(factor: float, size: int, trials: int = 20) -> dict[str, float]
         "placed_differently": round(differ / trials, 1),
         "busiest_replica_prompts": round(held / trials, 1),
     }
-
-
-def _home(key: bytes) -> str:
-    """Where `order` sends an unpinned key (the index is off)."""
-    return order("affinity", TARGETS, IDLE, random.Random(0), key)[0][0].backend
 
 
 def index_part(settings: object, work: object) -> dict[str, Any]:
@@ -161,7 +157,7 @@ def _one_gateway() -> dict[str, float]:
     index = PrefixIndex(RoutingConfig().prefix_index_size)
     for body, _, _ in shared_prefix_requests(profile, 752):
         key = affinity_key(None, prompt_prefix(body, 2048, PROMPT_FIELDS[CHAT]), 2048)
-        index.route("sim-model", key, TARGETS, UP, 1.0)
+        index.affinity("sim-model", key, TARGETS, IDLE, 1.0)
     return {
         "tenants": profile.tenants,
         "placed_differently": 0.0,

@@ -34,9 +34,10 @@ else is left (a health check may lag the truth in both directions).
   Per request, the load is bounded as before: the key's replica is passed over
   (`rebalanced`; the key stays placed) for the next one in the key's rendezvous order while
   its load (in flight here, plus what it reports queued) is above `load_factor` times its
-  share and above a floor, or while it reports a full KV cache. The index lives at the edge
-  (serve.affinity_of); its choice reaches `order` pinned in the key (`pin`), so `order` stays
-  a function of values, and a pinned key within its bound is not hashed again.
+  share and above a floor, or while it reports a full KV cache. What `order` gets of a key
+  is an `Affinity`: the targets in the key's rendezvous order and the backend it lives on,
+  made by the index (which keeps one per key, so a key it holds is not hashed again) or,
+  with no index, from the key's hash (`affinity`); `order` itself hashes nothing.
 """
 
 from __future__ import annotations
@@ -57,13 +58,24 @@ class Load(msgspec.Struct, frozen=True):
 
     in_flight: int
     limit: int | None  # max_in_flight
-    up: bool  # healthy and not ejected
+    up: bool  # healthy, not ejected and not shedding load (a 429 or 503 just now)
     queued: float = 0.0  # requests the backend itself says it queues (fresh scrapes only)
     kv: float = 0.0  # its KV-cache use, 0-1 (fresh scrapes only)
+    healthy: bool = True  # probed up and not ejected, shedding load or not: where keys live
 
     @property
     def full(self) -> bool:
         return self.limit is not None and self.in_flight >= self.limit
+
+
+class Affinity(msgspec.Struct, frozen=True, gc=False):
+    """One key of the `affinity` policy for one model's targets: `ranked`, those targets in
+    the key's rendezvous order (its home first), and `home`, the backend the key lives on
+    (the index's placement; else the first of `ranked`). `of`: the targets it was made for."""
+
+    home: str
+    ranked: tuple[Target, ...]
+    of: tuple[Target, ...]
 
 
 # Why a target was tried (proxy_routing_decisions_total): the policy's first choice, the
@@ -78,11 +90,11 @@ def order(
     candidates: Sequence[Target],
     loads: Mapping[str, Load],
     rng: random.Random,
-    key: bytes = b"",
+    key: Affinity | None = None,
     load_factor: float = 1.25,
 ) -> tuple[list[Target], str]:
-    """The candidates in the order to try them, and why the first one leads; `key` is the
-    request's `affinity` key, pinned (`pin`) to its placed backend or not."""
+    """The candidates in the order to try them, and why the first one leads; `key`: the
+    request's `affinity` key (None: it has none)."""
     up = [t for t in candidates if loads[t.backend].up]
     down = [t for t in candidates if not loads[t.backend].up]
     if not up:  # every one down (probes failing fleet-wide, or none passed yet): still spread
@@ -91,9 +103,10 @@ def order(
         return up + down, "only"
     if policy == "weighted":
         return _by_weight(up, rng) + down, "weighted"
-    if policy == "affinity" and key:
-        ranked, reason = _affinity(up, loads, key, load_factor)
-        return ranked + down, reason
+    if policy == "affinity" and key is not None:
+        ranked = list(key.ranked) if not down else [t for t in key.ranked if t in up]
+        ordered, reason = _affinity(ranked, loads, key.home, load_factor)
+        return ordered + down, reason
     return _least_loaded(up, loads, rng) + down, "least_loaded"
 
 
@@ -131,6 +144,14 @@ def _least_loaded(
     targets: list[Target], loads: Mapping[str, Load], rng: random.Random
 ) -> list[Target]:
     """Power of two choices by weight for the first; the rest by load per unit of weight."""
+    if len(targets) == 2:  # both are the two choices: the less loaded, a tie drawn by weight
+        a, b = targets
+        busy_a, busy_b = _pressure(a, loads), _pressure(b, loads)
+        if busy_a == busy_b:
+            a_first = rng.random() * (a.weight + b.weight) < a.weight
+        else:
+            a_first = busy_a < busy_b
+        return [a, b] if a_first else [b, a]
     first, second = _by_weight(targets, rng)[:2]
     lead = second if _pressure(second, loads) < _pressure(first, loads) else first
     rest = sorted((t for t in targets if t is not lead), key=lambda t: _pressure(t, loads))
@@ -138,68 +159,70 @@ def _least_loaded(
 
 
 def _affinity(
-    targets: list[Target], loads: Mapping[str, Load], key: bytes, load_factor: float
+    ranked: list[Target], loads: Mapping[str, Load], home: str, load_factor: float
 ) -> tuple[list[Target], str]:
-    """The key's replica first (where it is pinned, else its rendezvous home), the rest in
-    the key's rendezvous order; replicas over the load bound move behind the others."""
-    pinned, key = unpin(key)
+    """The key's replica first (`home` where it is one of `ranked`, else the first of them),
+    the rest in the key's rendezvous order; replicas over the load bound move behind the others."""
     total = weight = 0.0
-    for t in targets:
-        total += loads[t.backend].in_flight + loads[t.backend].queued
-        weight += t.weight
-
-    def over(t: Target) -> bool:
-        # its share of the load with this request counted, times the factor, rounded up;
-        # never below the floor, so a nearly idle fleet keeps every key where it lives
+    lead = ranked[0]
+    for t in ranked:
         load = loads[t.backend]
-        if load.kv >= KV_FULL:  # it would queue or preempt the request: the next one takes it
-            return True
-        floor = AFFINITY_FLOOR if load.limit is None else min(AFFINITY_FLOOR, load.limit)
-        share = math.ceil(load_factor * (total + 1) * t.weight / weight)
-        return load.in_flight + load.queued + 1 > max(share, floor)
+        total += load.in_flight + load.queued
+        weight += t.weight
+        if t.backend == home:
+            lead = t
+    if not _over(lead, loads[lead.backend], total, weight, load_factor):  # the common case
+        if lead is ranked[0]:
+            return ranked, "affinity"
+        return [lead, *(t for t in ranked if t is not lead)], "affinity"
+    within = [t for t in ranked if not _over(t, loads[t.backend], total, weight, load_factor)]
+    if not within:  # every replica over its bound: the key stays where it lives
+        return [lead, *(t for t in ranked if t is not lead)], "affinity"
+    passed = (t for t in ranked if t is not lead and t not in within)
+    return [*within, lead, *passed], "rebalanced"
 
-    lead = next((t for t in targets if t.backend == pinned), None)
-    if lead is not None and not over(lead):  # the common case: no hashing here at all
-        return [lead, *(t for t in targets if t is not lead)], "affinity"
-    ranked = rendezvous(targets, key_hash(key))
-    if lead is not None:
-        ranked.sort(key=lambda t: t is not lead)  # stable: the rest keep their order
-    elif not over(ranked[0]):  # an unpinned key's home takes it
-        return ranked, "affinity"
-    passed = [over(t) for t in ranked]
-    if all(passed):  # every replica over its bound: the key stays where it lives
-        return ranked, "affinity"
-    within = [t for t, o in zip(ranked, passed, strict=True) if not o]
-    return within + [t for t, o in zip(ranked, passed, strict=True) if o], "rebalanced"
+
+def _over(target: Target, load: Load, total: float, weight: float, load_factor: float) -> bool:
+    """Whether `target` is past the load bound: its share of the load (`total` over `weight`)
+    with this request counted, times the factor, rounded up, and never below the floor (a
+    nearly idle fleet keeps every key where it lives); or its KV cache is full (it would
+    queue or preempt the request: the next one takes it)."""
+    if load.kv >= KV_FULL:
+        return True
+    floor = AFFINITY_FLOOR if load.limit is None else min(AFFINITY_FLOOR, load.limit)
+    share = math.ceil(load_factor * (total + 1) * target.weight / weight)
+    return load.in_flight + load.queued + 1 > max(share, floor)
 
 
 def place(
-    targets: Sequence[Target],
-    up: Mapping[str, bool],
-    keyed: hashlib.blake2b,
+    ranked: Sequence[Target],
+    loads: Mapping[str, Load],
     placed: str | None,
     counts: Mapping[str, int],
     key_factor: float,
 ) -> str:
-    """The backend a key (`keyed`: its hash) lives on: `placed`, where the index has it,
-    while that one is up and a target; else the first up target in the key's rendezvous
-    order whose indexed keys, this one counted, are within `key_factor` times its share by
-    weight, rounded up (with `key_factor` >= 1 one always is). `counts`: keys per backend.
-    With every target down, as if every one were up (as `order` spreads then)."""
-    if placed is not None and up.get(placed) and any(t.backend == placed for t in targets):
-        return placed  # the common case, checked before anything is built
-    live = [t for t in targets if up.get(t.backend)] or list(targets)
+    """The backend a key lives on, of `ranked` (its targets in the key's rendezvous order):
+    `placed`, where the index has it, while that one is healthy and a target; else the first
+    healthy target whose indexed keys, this one counted, are within `key_factor` times its
+    share by weight, rounded up (with `key_factor` >= 1 one always is). `counts`: keys per
+    backend. With every target down, as if every one were up (as `order` spreads then)."""
+    live = [t for t in ranked if loads[t.backend].healthy] or list(ranked)
     if placed is not None and any(t.backend == placed for t in live):
-        return placed  # every target down: keys stay where they are
-    ranked = rendezvous(live, keyed)
+        return placed
     total = sum(counts.get(backend, 0) for backend in {t.backend for t in live}) + 1
     weight = sum(t.weight for t in live)
     roomy = (
         t
-        for t in ranked
+        for t in live
         if counts.get(t.backend, 0) + 1 <= math.ceil(key_factor * total * t.weight / weight)
     )
-    return next(roomy, ranked[0]).backend
+    return next(roomy, live[0]).backend
+
+
+def affinity(key: bytes, targets: tuple[Target, ...]) -> Affinity:
+    """The key's `Affinity` for `targets` with no index: its rendezvous home leads."""
+    ranked = tuple(rendezvous(targets, key_hash(key)))
+    return Affinity(ranked[0].backend, ranked, targets)
 
 
 def key_hash(key: bytes) -> hashlib.blake2b:
@@ -213,22 +236,6 @@ def rendezvous(targets: Sequence[Target], keyed: hashlib.blake2b) -> list[Target
     if all(t.weight == targets[0].weight for t in targets):  # the highest digest wins
         return sorted(targets, key=lambda t: _digest(keyed, t), reverse=True)
     return sorted(targets, key=lambda t: _score(keyed, t), reverse=True)
-
-
-_PIN = b"@"  # affinity_key's keys start with "session:" or "prefix:", never with this
-
-
-def pin(key: bytes, backend: str) -> bytes:
-    """`key` with the backend the gateway's index placed it on, for `order` to lead with."""
-    return _PIN + backend.encode() + b"\0" + key
-
-
-def unpin(key: bytes) -> tuple[str | None, bytes]:
-    """The backend a key is pinned to (None: not pinned) and the key itself."""
-    if not key.startswith(_PIN):
-        return None, key
-    backend, _, bare = key[1:].partition(b"\0")
-    return backend.decode(errors="replace"), bare
 
 
 def _digest(keyed: hashlib.blake2b, target: Target) -> bytes:

@@ -55,18 +55,7 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
     while True:
         full: list[tuple[Step, Target]] = []
         for index, step in enumerate(route.steps):
-            if len(step.candidates) == 1:  # what `order` says of one, without a snapshot
-                ordered: Sequence[Target] = step.candidates
-                reason = "only"
-            else:
-                ordered, reason = order(
-                    step.policy,
-                    step.candidates,
-                    snapshot(state, step.candidates, loop.time()),
-                    state.rng,
-                    key,
-                    state.config.routing.load_factor,
-                )
+            ordered, reason = arrange(state, step, key, loop.time())
             for place, target in enumerate(ordered):
                 if (target.backend, target.upstream_model) in tried:
                     continue
@@ -95,6 +84,22 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
             return await attempt(call, route, backend, target, run, "queued", last)
         except Retry as retry:
             failure = retry.error
+
+
+def arrange(
+    state: GatewayState, step: Step, key: bytes, now: float
+) -> tuple[Sequence[Target], str]:
+    """The step's targets in the order to try them, and why the first one leads (its policy
+    over a snapshot of their backends; `key`: the request's `affinity` key, or b"")."""
+    if len(step.candidates) == 1:  # what `order` says of one, without a snapshot
+        return step.candidates, "only"
+    loads = snapshot(state, step.candidates, now)
+    routing = state.config.routing
+    placed = None
+    if key and step.policy == "affinity":  # where the index has the key, for this model
+        index = state.prefix_index
+        placed = index.affinity(step.model, key, step.candidates, loads, routing.key_load_factor)
+    return order(step.policy, step.candidates, loads, state.rng, placed, routing.load_factor)
 
 
 def distinct_targets(route: Plan) -> int:
@@ -155,18 +160,21 @@ async def attempt(
 def snapshot(state: GatewayState, targets: tuple[Target, ...], now: float) -> dict[str, Load]:
     """What routing needs to know of each target's backend at this instant."""
     interval = state.config.health.interval_s
+    backends, fleet, signals, saturated = (
+        state.backends,
+        state.fleet,
+        state.signals,
+        state.saturated,
+    )
     loads = {}
     for t in targets:
-        backend = state.backends[t.backend]
-        own = fresh(state.signals.get(t.backend), now, interval)
-        saturated = state.saturated.get(t.backend, 0.0) > now  # it answered 429 or 503 lately
-        loads[t.backend] = Load(
-            in_flight=backend.in_flight,
-            limit=backend.config.max_in_flight,
-            up=state.fleet[t.backend].up(now) and not saturated,
-            queued=(own.queued or 0.0) if own is not None else 0.0,
-            kv=(own.kv or 0.0) if own is not None else 0.0,
-        )
+        name = t.backend
+        backend = backends[name]
+        healthy = fleet[name].up(now)
+        up = healthy and not saturated.get(name, 0.0) > now  # it answered 429 or 503 lately
+        own = fresh(signals.get(name), now, interval)
+        queued, kv = ((own.queued or 0.0), (own.kv or 0.0)) if own is not None else (0.0, 0.0)
+        loads[name] = Load(backend.in_flight, backend.config.max_in_flight, up, queued, kv, healthy)
     return loads
 
 

@@ -114,22 +114,17 @@ def _only(route: Plan, able: Callable[[str], bool], path: str, state: GatewaySta
 
 
 def affinity_of(call: Call, route: Plan, path: str = "") -> bytes:
-    """The request's key for the `affinity` policy (b"" when no model of the chain uses it),
-    pinned by the gateway's index to the replica the first such model placed it on;
-    `path` is the OpenAI-style route the body is shaped for ("": any shape)."""
-    step = next((step for step in route.steps if step.policy == "affinity"), None)
-    if step is None:
+    """The request's key for the `affinity` policy (b"" when no model of the chain uses it):
+    its session id, else its prompt's first bytes; `path` is the OpenAI-style route the body
+    is shaped for ("": any shape). Each `affinity` model places it (forward.arrange)."""
+    if not any(step.policy == "affinity" for step in route.steps):
         return b""
     session = call.request.headers.get(SESSION_HEADER)
-    state, routing = call.state, call.state.config.routing
+    prefix_bytes = call.state.config.routing.prefix_bytes
     if session or not call.body:  # a session id keys it whatever the prompt
-        key = affinity_key(session, b"", routing.prefix_bytes)
-    else:
-        prompt = prompt_prefix(call.body, routing.prefix_bytes, PROMPT_FIELDS.get(path))
-        key = affinity_key(None, prompt, routing.prefix_bytes)
-    now = asyncio.get_running_loop().time()  # the first affinity model's key is indexed
-    up = {t.backend: state.fleet[t.backend].up(now) for t in step.candidates}
-    return state.prefix_index.route(step.model, key, step.candidates, up, routing.key_load_factor)
+        return affinity_key(session, b"", prefix_bytes)
+    prompt = prompt_prefix(call.body, prefix_bytes, PROMPT_FIELDS.get(path))
+    return affinity_key(None, prompt, prefix_bytes)
 
 
 # The OpenAI routes every surface maps onto, and the helper routes beside them.

@@ -11,7 +11,7 @@ from proxy.chain import Call, begin, json_response
 from proxy.forward import exchange, try_plan
 from proxy.paths import subpath
 from proxy.ratelimit import limited
-from proxy.routing import Target, plan
+from proxy.routing import Target
 from proxy.serve import CHAT, OPENAI_POST_ROUTES, affinity_of, serve_openai
 from proxy.translate import oicm
 from proxy.upstream import Backend
@@ -41,7 +41,7 @@ async def endpoint_proxy(request: web.Request) -> web.StreamResponse:
 
 async def _as_is(call: Call, endpoint: str, path: str) -> web.StreamResponse:
     """Any other task path (rerank, embed, audio, ...): method, headers and body untouched."""
-    route = plan(call.state.config, endpoint, call.state.known_models)
+    route = call.state.plan(endpoint)
     call.ex.model_label = route.model_label
     check_scope(call.ex.principal, endpoint)
     body = call.body or None

@@ -9,10 +9,15 @@ from collections import Counter
 
 import pytest
 
-from proxy.balance import Load, affinity_key, order
+from proxy.balance import Affinity, Load, affinity, affinity_key, order
 from proxy.routing import Target
 
 A, B, C = Target("a", None, 1.0), Target("b", None, 1.0), Target("c", None, 1.0)
+
+
+def keyed(key: bytes, targets: list[Target]) -> Affinity | None:
+    """What `order` gets of a request's key with no index: its hash's `Affinity`."""
+    return affinity(key, tuple(targets)) if key else None
 
 
 def loads(**in_flight: int) -> dict[str, Load]:
@@ -63,14 +68,20 @@ def test_affinity_is_sticky_and_the_same_in_every_gateway() -> None:
     without talking); different keys spread over the replicas."""
     key = affinity_key("session-42", b"", 2048)
     firsts = {
-        order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(s), key)[0][0]
+        order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(s), keyed(key, [A, B, C]))[
+            0
+        ][0]
         for s in range(20)
     }
     assert 1 == len(firsts)
     spread = Counter(
-        order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), f"k{i}".encode())[0][
-            0
-        ].backend
+        order(
+            "affinity",
+            [A, B, C],
+            loads(a=0, b=0, c=0),
+            random.Random(0),
+            keyed(f"k{i}".encode(), [A, B, C]),
+        )[0][0].backend
         for i in range(3000)
     )
     assert min(spread.values()) > 800  # about a third each
@@ -82,26 +93,34 @@ def test_affinity_moves_only_the_keys_of_a_replica_that_went_away() -> None:
     down = {**snapshot, "c": Load(0, None, up=False)}
     for i in range(500):
         key = f"k{i}".encode()
-        before = order("affinity", [A, B, C], snapshot, random.Random(0), key)[0][0]
-        after = order("affinity", [A, B, C], down, random.Random(0), key)[0][0]
+        before = order("affinity", [A, B, C], snapshot, random.Random(0), keyed(key, [A, B, C]))[0][
+            0
+        ]
+        after = order("affinity", [A, B, C], down, random.Random(0), keyed(key, [A, B, C]))[0][0]
         assert before in (after, C)
 
 
 def test_affinity_rebalances_past_the_load_bound() -> None:
     """A replica above load_factor x the mean load is passed over for the key (`rebalanced`)."""
     key = b"prefix:hello"
-    home = order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), key)[0][0]
+    home = order(
+        "affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), keyed(key, [A, B, C])
+    )[0][0]
     busy = loads(a=0, b=0, c=0) | {home.backend: Load(30, None, True)}
-    ranked, reason = order("affinity", [A, B, C], busy, random.Random(0), key, 1.25)
+    ranked, reason = order(
+        "affinity", [A, B, C], busy, random.Random(0), keyed(key, [A, B, C]), 1.25
+    )
     assert "rebalanced" == reason
     assert home == ranked[-1]
-    calm, reason = order("affinity", [A, B, C], loads(a=1, b=1, c=1), random.Random(0), key)
+    calm, reason = order(
+        "affinity", [A, B, C], loads(a=1, b=1, c=1), random.Random(0), keyed(key, [A, B, C])
+    )
     assert (home, "affinity") == (calm[0], reason)
 
 
 def test_affinity_without_a_key_is_least_loaded() -> None:
     """A request with neither a session nor a prompt is placed by load."""
-    _, reason = order("affinity", [A, B], loads(a=0, b=1), random.Random(0), b"")
+    _, reason = order("affinity", [A, B], loads(a=0, b=1), random.Random(0), keyed(b"", [A, B]))
     assert "least_loaded" == reason
 
 
@@ -147,7 +166,9 @@ def test_affinity_homes_do_not_move_between_gateway_versions(a_weight: float) ->
     targets = [Target("a", None, a_weight), B, C]
     for i in range(300):
         key = affinity_key(None, f"system prompt {i} ".encode() * 200, 2048)
-        ranked, _ = order("affinity", targets, loads(a=0, b=0, c=0), random.Random(0), key)
+        ranked, _ = order(
+            "affinity", targets, loads(a=0, b=0, c=0), random.Random(0), keyed(key, targets)
+        )
         assert _rendezvous_home(key, targets) == ranked[0]
 
 
@@ -155,9 +176,11 @@ def test_affinity_counts_what_a_replica_says_it_queues() -> None:
     """A replica that this gateway sends nothing to but that reports a long queue (another
     gateway's traffic, from its /metrics) is over the bound: its keys go to the next one."""
     key = b"prefix:shared system prompt"
-    home = order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), key)[0][0]
+    home = order(
+        "affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), keyed(key, [A, B, C])
+    )[0][0]
     snapshot = loads(a=0, b=0, c=0) | {home.backend: Load(0, None, True, queued=40.0)}
-    ranked, reason = order("affinity", [A, B, C], snapshot, random.Random(0), key)
+    ranked, reason = order("affinity", [A, B, C], snapshot, random.Random(0), keyed(key, [A, B, C]))
     assert ("rebalanced", home) == (reason, ranked[-1])
 
 
@@ -165,9 +188,11 @@ def test_affinity_passes_over_a_full_kv_cache() -> None:
     """A home replica that reports its KV cache full would queue or preempt the request: the
     key's next replica takes it, however idle the home looks."""
     key = b"session:alice"
-    home = order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), key)[0][0]
+    home = order(
+        "affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), keyed(key, [A, B, C])
+    )[0][0]
     snapshot = loads(a=0, b=0, c=0) | {home.backend: Load(0, None, True, kv=0.99)}
-    ranked, reason = order("affinity", [A, B, C], snapshot, random.Random(0), key)
+    ranked, reason = order("affinity", [A, B, C], snapshot, random.Random(0), keyed(key, [A, B, C]))
     assert ("rebalanced", home) == (reason, ranked[-1])
 
 
@@ -175,18 +200,25 @@ def test_affinity_s_floor_is_capped_by_max_in_flight() -> None:
     """A replica always keeps 8 requests for its keys, or its max_in_flight when that is
     fewer: with max_in_flight 2 and 2 in flight the key goes on (and says so)."""
     key = b"session:bob"
-    home = order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), key)[0][0]
+    home = order(
+        "affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), keyed(key, [A, B, C])
+    )[0][0]
     roomy = loads(a=0, b=0, c=0) | {home.backend: Load(1, 2, True)}
-    assert "affinity" == order("affinity", [A, B, C], roomy, random.Random(0), key)[1]
+    assert (
+        "affinity"
+        == order("affinity", [A, B, C], roomy, random.Random(0), keyed(key, [A, B, C]))[1]
+    )
     full = loads(a=0, b=0, c=0) | {home.backend: Load(2, 2, True)}
-    ranked, reason = order("affinity", [A, B, C], full, random.Random(0), key)
+    ranked, reason = order("affinity", [A, B, C], full, random.Random(0), keyed(key, [A, B, C]))
     assert ("rebalanced", home) == (reason, ranked[-1])
 
 
 def test_affinity_keeps_the_key_home_when_every_replica_is_over() -> None:
     """When every replica is past its bound, the key's own replica still leads."""
     key = b"session:carol"
-    home = order("affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), key)[0][0]
+    home = order(
+        "affinity", [A, B, C], loads(a=0, b=0, c=0), random.Random(0), keyed(key, [A, B, C])
+    )[0][0]
     busy = {t.backend: Load(0, None, True, kv=1.0) for t in (A, B, C)}
-    ranked, reason = order("affinity", [A, B, C], busy, random.Random(0), key)
+    ranked, reason = order("affinity", [A, B, C], busy, random.Random(0), keyed(key, [A, B, C]))
     assert ("affinity", home) == (reason, ranked[0])

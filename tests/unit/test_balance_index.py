@@ -1,5 +1,5 @@
 """`affinity` with the gateway's index of keys: placement bounded by keys per replica
-(balance.place), the pinned order `order` follows, and the bounded LRU that remembers
+(balance.place), the order `order` gives a placed key, and the bounded LRU that remembers
 (PrefixIndex)."""
 
 from __future__ import annotations
@@ -10,29 +10,39 @@ from collections import Counter
 
 import pytest
 
-from proxy.balance import Load, affinity_key, key_hash, order, pin, place, rendezvous, unpin
+from proxy.balance import Affinity, Load, affinity, affinity_key, key_hash, order, place, rendezvous
 from proxy.config import ConfigError, load_config
 from proxy.prefix_index import PrefixIndex
 from proxy.routing import Target
 
 A, B, C = Target("a", None, 1.0), Target("b", None, 1.0), Target("c", None, 1.0)
-ALL_UP = {"a": True, "b": True, "c": True}
+ABC = (A, B, C)
 IDLE = {name: Load(in_flight=0, limit=None, up=True) for name in "abc"}
 
 
-def home(key: bytes, targets: list[Target] = [A, B, C]) -> str:  # noqa: B006  (read only)
-    """The key's rendezvous home, as `order` computes it for an unpinned key."""
-    return order("affinity", targets, IDLE, random.Random(0), key)[0][0].backend
+def home(key: bytes, targets: tuple[Target, ...] = ABC) -> str:
+    """The key's rendezvous home, where `order` sends it with no index."""
+    return order("affinity", targets, IDLE, random.Random(0), affinity(key, targets))[0][0].backend
 
 
-def ranked(key: bytes, targets: list[Target] = [A, B, C]) -> list[Target]:  # noqa: B006
+def ranked(key: bytes, targets: tuple[Target, ...] = ABC) -> list[Target]:
     """The targets in the key's rendezvous order."""
     return rendezvous(targets, key_hash(key))
 
 
 def placed(key: bytes, where: str | None, counts: dict[str, int], factor: float = 1.0) -> str:
-    """`place` over a, b and c, all up."""
-    return place([A, B, C], ALL_UP, key_hash(key), where, counts, factor)
+    """`place` over a, b and c, all healthy."""
+    return place(ranked(key), IDLE, where, counts, factor)
+
+
+def down(*names: str) -> dict[str, Load]:
+    """a, b and c idle, those named probed down."""
+    return {**IDLE, **{n: Load(0, None, up=False, healthy=False) for n in names}}
+
+
+def lives(index: PrefixIndex, key: bytes, loads: dict[str, Load] = IDLE, model: str = "m") -> str:
+    """Where the index has `key` for `model` (a, b and c its targets)."""
+    return index.affinity(model, key, ABC, loads, 1.0).home
 
 
 def keys(count: int, tag: str = "tenant") -> list[bytes]:
@@ -41,15 +51,10 @@ def keys(count: int, tag: str = "tenant") -> list[bytes]:
     ]
 
 
-def lead(key: bytes) -> str | None:
-    """The backend a pinned key leads with."""
-    return unpin(key)[0]
-
-
 def test_rendezvous_is_order_s_ranking() -> None:
-    """`rendezvous` over the hashed key is the order `order` gives an unpinned key."""
+    """`rendezvous` over the hashed key is the order `order` gives a key with no index."""
     for key in keys(50):
-        by_order = order("affinity", [A, B, C], IDLE, random.Random(0), key)[0]
+        by_order = order("affinity", ABC, IDLE, random.Random(0), affinity(key, ABC))[0]
         assert by_order == ranked(key)
 
 
@@ -86,7 +91,7 @@ def test_keys_split_by_weight() -> None:
     heavy = Target("a", None, 2.0)
     counts: Counter[str] = Counter()
     for key in keys(400):
-        counts[place([heavy, B, C], ALL_UP, key_hash(key), None, counts, 1.0)] += 1
+        counts[place(ranked(key, (heavy, B, C)), IDLE, None, counts, 1.0)] += 1
     assert Counter({"a": 200, "b": 100, "c": 100}) == counts
 
 
@@ -96,62 +101,56 @@ def test_a_placed_key_sticks_while_its_replica_is_up() -> None:
     key = keys(1)[0]
     heavy = {"a": 0, "b": 40, "c": 0}
     assert "b" == placed(key, "b", heavy)
-    down = {**ALL_UP, "b": False}
-    assert "b" != place([A, B, C], down, key_hash(key), "b", heavy, 1.0)
-    assert "b" != place([A, C], ALL_UP, key_hash(key), "b", heavy, 1.0)
+    assert "b" != place(ranked(key), down("b"), "b", heavy, 1.0)
+    assert "b" != place(ranked(key, (A, C)), IDLE, "b", heavy, 1.0)
+    shedding = {**IDLE, "b": Load(0, None, up=False, healthy=True)}  # a 429 just now
+    assert "b" == place(ranked(key), shedding, "b", heavy, 1.0)
 
 
 def test_with_every_replica_down_keys_are_still_placed() -> None:
     """Probes failing fleet-wide: the key is placed over all targets, as `order` spreads."""
     key = keys(1)[0]
-    assert home(key) == lead(PrefixIndex(10).route("m", key, [A, B, C], {}, 1.0))
+    assert home(key) == lives(PrefixIndex(10), key, down("a", "b", "c"))
 
 
-def test_order_leads_with_the_pinned_replica() -> None:
-    """A key pinned to a replica other than its home is served there (`affinity`); a pin to
-    a replica that is down, or not a target, is passed over: the key's home among the others
-    leads (the pinned replica down comes last)."""
+def test_order_leads_with_the_replica_the_key_lives_on() -> None:
+    """A key the index placed on a replica other than its home is served there (`affinity`);
+    when that replica is down, or not a target, the key's home among the others leads (the
+    placed replica down comes last)."""
     key = keys(1)[0]
-    other = ranked(key)[2].backend
-    got, reason = order("affinity", [A, B, C], IDLE, random.Random(0), pin(key, other))
+    order_ = tuple(ranked(key))
+    other = order_[2].backend
+    got, reason = order("affinity", ABC, IDLE, random.Random(0), Affinity(other, order_, ABC))
     assert ("affinity", other) == (reason, got[0].backend)
-    down = {**IDLE, other: Load(0, None, up=False)}
-    got, _ = order("affinity", [A, B, C], down, random.Random(0), pin(key, other))
+    got, _ = order("affinity", ABC, down(other), random.Random(0), Affinity(other, order_, ABC))
     assert (home(key), other) == (got[0].backend, got[-1].backend)
-    got, _ = order("affinity", [A, B, C], IDLE, random.Random(0), pin(key, "gone"))
+    got, _ = order("affinity", ABC, IDLE, random.Random(0), Affinity("gone", order_, ABC))
     assert ranked(key) == got
 
 
-def test_a_pinned_replica_over_the_load_bound_is_passed_over_for_this_request() -> None:
+def test_a_placed_replica_over_the_load_bound_is_passed_over_for_this_request() -> None:
     """Past the in-flight bound the request goes to the key's next replica in rendezvous
-    order (`rebalanced`), the pinned one last; the pin stays the index's, so the next
-    request leads with the pinned replica again once it is calm."""
+    order (`rebalanced`), the placed one last; the placement stays the index's, so the next
+    request leads with the placed replica again once it is calm."""
     key = keys(1)[0]
-    pinned = ranked(key)[1].backend
-    busy = {**IDLE, pinned: Load(30, None, up=True)}
-    got, reason = order("affinity", [A, B, C], busy, random.Random(0), pin(key, pinned))
-    others = [t for t in ranked(key) if t.backend != pinned]
-    assert ("rebalanced", [*others, ranked(key)[1]]) == (reason, got)
-
-
-def test_pin_and_unpin() -> None:
-    """A pinned key reads back as its backend and the key; an affinity key is never pinned."""
-    key = affinity_key("s1", b"", 2048)
-    assert ("gpu-a", key) == unpin(pin(key, "gpu-a"))
-    assert (None, key) == unpin(key)
-    assert (None, b"prefix:@x") == unpin(affinity_key(None, b"@x", 2048))
+    order_ = tuple(ranked(key))
+    where = order_[1].backend
+    busy = {**IDLE, where: Load(30, None, up=True)}
+    got, reason = order("affinity", ABC, busy, random.Random(0), Affinity(where, order_, ABC))
+    others = [t for t in order_ if t.backend != where]
+    assert ("rebalanced", [*others, order_[1]]) == (reason, got)
 
 
 def test_the_index_remembers_where_it_placed_a_key() -> None:
-    """A key is placed once and pinned to the same backend after, each model apart; the
-    counts say how many keys each backend holds, whichever model's (one cache per server)."""
+    """A key is placed once and kept after, each model apart: a key it holds gets the same
+    entry back (nothing hashed again, nothing made); the counts say how many keys each
+    backend holds, whichever model's (one cache per server)."""
     index = PrefixIndex(100)
     key = keys(1)[0]
-    first = index.route("m", key, [A, B, C], ALL_UP, 1.0)
-    assert [first] * 3 == [index.route("m", key, [A, B, C], ALL_UP, 1.0) for _ in range(3)]
-    assert (home(key), key) == unpin(first)
-    again = lead(index.route("other-model", key, [A, B, C], ALL_UP, 1.0))
-    assert again is not None
+    first = index.affinity("m", key, ABC, IDLE, 1.0)
+    assert all(first is index.affinity("m", key, ABC, IDLE, 1.0) for _ in range(3))
+    assert (home(key), tuple(ranked(key))) == (first.home, first.ranked)
+    again = lives(index, key, model="other-model")
     assert again != home(key)  # the home holds its share (1 of 2 keys, rounded up) already
     assert (2, {home(key): 1, again: 1}) == (len(index), index.counts)
 
@@ -161,13 +160,29 @@ def test_a_key_whose_replica_went_down_moves_with_its_count() -> None:
     once the replica is back the key stays where it moved (its cache is there now)."""
     index = PrefixIndex(100)
     key = keys(1)[0]
-    was = lead(index.route("m", key, [A, B, C], ALL_UP, 1.0))
-    assert was is not None
-    now = lead(index.route("m", key, [A, B, C], {**ALL_UP, was: False}, 1.0))
-    assert now is not None
+    was = lives(index, key)
+    now = lives(index, key, down(was))
     assert now != was
     assert {was: 0, now: 1} == {n: index.counts[n] for n in (was, now)}
-    assert now == lead(index.route("m", key, [A, B, C], ALL_UP, 1.0))
+    assert now == lives(index, key)
+
+
+def test_targets_a_reload_made_keep_the_keys_where_they_live() -> None:
+    """A reload builds new targets: equal ones find the entry as it was; changed ones (a new
+    weight) order the held key again for them, and it stays on its replica while that one is
+    still a target; a key whose replica left moves."""
+    index = PrefixIndex(100)
+    key = keys(1)[0]
+    was = index.affinity("m", key, ABC, IDLE, 1.0)
+    same = (Target("a", None, 1.0), Target("b", None, 1.0), Target("c", None, 1.0))
+    assert was is index.affinity("m", key, same, IDLE, 1.0)
+    reweighed = (Target("a", None, 2.0), Target("b", None, 2.0), Target("c", None, 2.0))
+    now = index.affinity("m", key, reweighed, IDLE, 1.0)
+    assert (was.home, reweighed) == (now.home, now.of)
+    assert all(any(t is r for r in reweighed) for t in now.ranked)
+    left = tuple(t for t in reweighed if t.backend != was.home)
+    assert was.home != index.affinity("m", key, left, IDLE, 1.0).home
+    assert (1, 1) == (len(index), sum(index.counts.values()))
 
 
 def test_a_fresh_prefix_per_request_only_churns_the_index() -> None:
@@ -176,14 +191,13 @@ def test_a_fresh_prefix_per_request_only_churns_the_index() -> None:
     all along is not evicted by the flood."""
     index = PrefixIndex(256)
     regular = keys(1, "regular")[0]
-    placed = index.route("m", regular, [A, B, C], ALL_UP, 1.0)
+    where = lives(index, regular)
 
     def flood(start: int, count: int) -> None:
         for i in range(start, start + count):
-            key = affinity_key(None, b"hostile %d " % i * 200, 2048)
-            index.route("m", key, [A, B, C], ALL_UP, 1.0)
+            lives(index, affinity_key(None, b"hostile %d " % i * 200, 2048))
             if i % 100 == 0:
-                assert placed == index.route("m", regular, [A, B, C], ALL_UP, 1.0)
+                assert where == lives(index, regular)
 
     tracemalloc.start()
     try:
@@ -198,25 +212,21 @@ def test_a_fresh_prefix_per_request_only_churns_the_index() -> None:
     assert max(index.counts.values()) - min(index.counts.values()) <= 2
 
 
-def test_no_index_and_one_target_leave_the_key_as_is() -> None:
-    """`prefix_index_size: 0` and a model with one target keep no entry: the key goes to
-    `order` unpinned (its rendezvous home)."""
+def test_no_index_keeps_no_entry() -> None:
+    """`prefix_index_size: 0`: each request's key is hashed for its rendezvous home, and
+    nothing is kept."""
     key = keys(1)[0]
-    assert key == PrefixIndex(0).route("m", key, [A, B, C], ALL_UP, 1.0)
-    one = PrefixIndex(10)
-    assert (key, 0) == (one.route("m", key, [A], ALL_UP, 1.0), len(one))
-    assert b"" == one.route("m", b"", [A, B, C], ALL_UP, 1.0)
+    none = PrefixIndex(0)
+    assert (home(key), 0, {}) == (lives(none, key), len(none), none.counts)
 
 
 def test_two_gateways_agree_on_keys_they_both_see_in_the_same_order() -> None:
     """Two indexes fed the same keys place each alike; a fresh one puts a key at its home."""
     first, second = PrefixIndex(1000), PrefixIndex(1000)
     for key in keys(60):
-        assert first.route("m", key, [A, B, C], ALL_UP, 1.0) == second.route(
-            "m", key, [A, B, C], ALL_UP, 1.0
-        )
+        assert lives(first, key) == lives(second, key)
     key = keys(1, "new")[0]
-    assert home(key) == lead(PrefixIndex(10).route("m", key, [A, B, C], ALL_UP, 1.0))
+    assert home(key) == lives(PrefixIndex(10), key)
 
 
 def test_routing_config_keys() -> None:

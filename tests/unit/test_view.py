@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 import msgspec
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest
 from proxy.view import (
@@ -289,6 +292,23 @@ def test_prompt_prefix_finds_the_top_level_key(body: bytes, expected: bytes) -> 
 def test_prompt_prefix_by_field_name_is_what_a_decode_finds(body: bytes) -> None:
     """Looking a route's field up by name gives the bytes a decode of the body gives (the
     decode is the way when the name alone does not tell)."""
+    fields = ("system", "messages", "prompt", "input", "contents")
+    assert prompt_prefix(body, 64) == prompt_prefix(body, 64, fields)
+
+
+_TRICKY = st.sampled_from(["messages", "system", "{", "[", '"', "\\", ",", "m", ':"messages":'])
+_VALUES = st.recursive(
+    st.none() | st.integers(-(2**63), 2**63 - 1) | st.lists(_TRICKY, max_size=4).map("".join),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(_TRICKY, kids, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(st.dictionaries(_TRICKY, _VALUES, max_size=5))
+def test_prompt_prefix_by_name_agrees_with_a_decode_on_compact_json(obj: dict[str, object]) -> None:
+    """Compact JSON (what SDKs send) with field names, braces, brackets, quotes and escapes in
+    keys and in strings: by name or by decode, the same bytes."""
+    body = orjson.dumps(obj)
     fields = ("system", "messages", "prompt", "input", "contents")
     assert prompt_prefix(body, 64) == prompt_prefix(body, 64, fields)
 
