@@ -124,3 +124,38 @@ async def test_a_key_moves_once_when_its_replica_goes_down(
         assert 200 == (await call(gw.url + CHAT, body("hi"), headers))[0]
         assert moved == served_by(gw)
     assert {home: 0, moved: 1} == {n: gw.state.prefix_index.counts[n] for n in (home, moved)}
+
+
+async def test_a_fallback_model_places_the_key_for_its_own_targets(
+    gateway_factory, upstream_factory
+) -> None:
+    """Both targets of an `affinity` model refuse connections, so its `affinity` fallback
+    serves: the key is placed for the fallback's own targets (an index entry of its own),
+    and the session's later requests go to the same one of them."""
+    fakes = [await upstream_factory() for _ in range(2)]
+    text = (
+        "backends:\n"
+        "  gpu-a: {url: 'http://127.0.0.1:9'}\n"
+        "  gpu-b: {url: 'http://127.0.0.1:9'}\n"
+        f"  gpu-c: {{url: '{fakes[0].url}'}}\n"
+        f"  gpu-d: {{url: '{fakes[1].url}'}}\n"
+        "outlier_detection: {consecutive_failures: 1000}\n"
+        "models:\n"
+        "  qwen:\n"
+        "    policy: affinity\n"
+        "    targets: [{backend: gpu-a}, {backend: gpu-b}]\n"
+        "    fallbacks: [qwen-spare]\n"
+        "  qwen-spare:\n"
+        "    policy: affinity\n"
+        "    targets: [{backend: gpu-c}, {backend: gpu-d}]\n"
+    )
+    gw = await gateway_factory(text)
+    await wait_for(lambda: all(gw.state.fleet[n].probed_up for n in ("gpu-c", "gpu-d")))
+    served = set()
+    for _ in range(4):
+        status, answer, _ = await call(gw.url + CHAT, body("hi"), {"X-Session-ID": "alice"})
+        assert 200 == status, answer
+        served.add(served_by(gw))
+    assert 1 == len(served) and served <= {"gpu-c", "gpu-d"}, served
+    assert 2 == len(gw.state.prefix_index)  # one entry for each model's targets
+    assert 1 == gw.state.prefix_index.counts.get(served.pop())
