@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 
 from proxy.config import Config, health_path
-from proxy.errors import ProxyError
+from proxy.errors import Overloaded, ProxyError
 from proxy.fleet import probed
 from proxy.signals import MAX_METRICS_BYTES, exports, parse
 from proxy.state import LIVE, GatewayState, Live
@@ -20,11 +20,15 @@ from proxy.upstream import Backend, fetch
 logger = logging.getLogger("proxy.health")
 
 
-async def probe(backend: Backend, timeout_s: float) -> bool:
-    """Whether the backend answers its health route with a 2xx status within the timeout."""
+async def probe(backend: Backend, timeout_s: float) -> bool | None:
+    """Whether the backend answers its health route with a 2xx status within the timeout;
+    None when the gateway itself could not ask (no file descriptor left for a connection:
+    that says nothing of the backend, so it is no verdict)."""
     try:
         async with asyncio.timeout(timeout_s):
             status, _ = await fetch(backend, health_path(backend.config), limit=1024 * 1024)
+    except Overloaded:
+        return None
     except (TimeoutError, ProxyError):
         return False
     return 200 <= status < 300
@@ -37,6 +41,8 @@ async def check_all(state: GatewayState) -> None:
     results = await asyncio.gather(*(probe(state.backends[n], timeout_s) for n in names))
     for name, passed in zip(names, results, strict=True):
         health = state.fleet[name]
+        if passed is None:  # the gateway's own limit, not the backend's health
+            continue
         if probed(health, passed, state.config.health):
             logger.info("backend %s is %s", name, "up" if health.probed_up else "down")
 

@@ -13,6 +13,7 @@ import resource
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -44,22 +45,22 @@ async def _ok(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-async def _run(backend_url: str, extra_idle: int) -> tuple[list[dict[str, object]], str]:
+async def _run(
+    backend_url: str, extra_idle: int, work: Path
+) -> tuple[list[dict[str, object]], str, str]:
     port = _free_port()
+    config = work / f"proxy-{extra_idle}.yaml"
+    config.write_text(
+        f"server: {{host: 127.0.0.1, port: {port}}}\n"
+        f"backends: {{default: {{url: '{backend_url}', health_path: /health}}}}\n"
+        "health: {interval_s: 0.1, timeout_s: 1}\n"  # probes run while descriptors are out
+    )
+    log_path = work / f"proxy-{extra_idle}.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen(  # noqa: ASYNC220 (started once; nothing waits on it here)
-        [
-            sys.executable,
-            "-m",
-            "proxy",
-            "--backend",
-            backend_url,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        [sys.executable, "-m", "proxy", "--config", str(config)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
         preexec_fn=_limited,
     )
     base = f"http://127.0.0.1:{port}"
@@ -93,6 +94,7 @@ async def _run(backend_url: str, extra_idle: int) -> tuple[list[dict[str, object
                     for _ in range(FAILURES):  # again on the same connection: no new accept
                         async with s.post(f"{base}/v1/chat/completions", data=STREAM) as again:
                             errors.append(await again.json())
+                    await asyncio.sleep(0.5)  # several health probes while still out
                     break
                 held.append(r)
         for r in held:
@@ -106,12 +108,17 @@ async def _run(backend_url: str, extra_idle: int) -> tuple[list[dict[str, object
             await s.close()
         proc.terminate()
         proc.wait(10)
-    return errors, metrics
+        log.close()
+    return errors, metrics, log_path.read_text()
 
 
 async def test_a_gateway_out_of_descriptors_answers_503_and_ejects_no_backend(
     aiohttp_server,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
 ) -> None:
+    """Every request refused for want of a descriptor gets the `overloaded` envelope; the
+    backend is neither ejected nor probed down (a probe that cannot open its connection is
+    no verdict on the backend)."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", _slow_stream)
     app.router.add_get("/health", _ok)
@@ -119,9 +126,12 @@ async def test_a_gateway_out_of_descriptors_answers_503_and_ejects_no_backend(
     url = f"http://127.0.0.1:{server.port}"
     seen: list[dict[str, object]] = []
     for extra in (0, 1):
-        errors, metrics = await _run(url, extra)
+        errors, metrics, log = await _run(url, extra, tmp_path)
         seen += errors
         assert 'proxy_backend_ejections_total{backend="default"} ' not in metrics  # none
+        if errors:  # it ran out while probes ran: none took the backend down
+            assert "backend default is down" not in log, log
+        assert 'proxy_backend_up{backend="default"} 1.0' in metrics
     assert seen, "no run reached the backend connection's limit"
     assert len(seen) == 1 + FAILURES  # each refused, none passed on to an ejected backend
     assert all(e["error"]["type"] == "overloaded" for e in seen)  # type: ignore[index]
