@@ -1,13 +1,13 @@
 """The `index` part of `python -m bench.fleet`: what `affinity`'s key and index cost, in process.
 
-No sockets: the pure functions the gateway runs per request for `affinity` (the prompt's key
-found by `prompt_prefix`, `affinity_key`, `PrefixIndex.route`, `balance.order`), timed with
-`timeit` (best of 5 rounds) beside `order` for `least_loaded`, for a small chat body and a
+No sockets: the pure functions the gateway runs per request for `affinity` (`affinity_key` over
+the prompt `peek` found as it found `model`, `PrefixIndex.affinity`, `balance.order`), timed
+with `timeit` (best of 5 rounds) beside `order` for `least_loaded`, for a small chat body and a
 32 KB (~8,000-token) prompt, with a key the index holds (a tenant's next turn) and a new key
 every call (a client sending a fresh prefix with every request); then the index's memory
-(tracemalloc) when full at its default size, and after a flood of new keys ten times that;
-and, with the pure functions alone (no clock, seeded), where two gateways place the prefix
-part's 48 tenants when a load balancer sends each request to one of them at random.
+(tracemalloc) when full at its default size, and after a flood of new keys ten times that; and,
+with the pure functions alone (no clock, seeded), where two gateways place the prefix part's 48
+tenants when a load balancer sends each request to one of them at random.
 """
 
 from __future__ import annotations
@@ -25,11 +25,18 @@ from proxy.config import RoutingConfig
 from proxy.prefix_index import PrefixIndex
 from proxy.routing import Target
 from proxy.serve import CHAT, PROMPT_FIELDS
-from proxy.view import prompt_prefix
+from proxy.view import peek, prompt_of
 
 TARGETS = tuple(Target(f"sim-{c}", None, 1.0) for c in "abc")
 IDLE = {t.backend: Load(in_flight=0, limit=None, up=True) for t in TARGETS}
 CALLS = 20_000
+CHAT_PROMPT = PROMPT_FIELDS[CHAT]
+
+
+def prompt_key(body: bytes) -> bytes:
+    """A chat body's `affinity` key, as the gateway makes it (its prompt found by a decode)."""
+    prompt = prompt_of(body, CHAT_PROMPT)
+    return affinity_key(None, memoryview(prompt) if prompt is not None else b"", 2048)
 
 
 def _us(fn: Callable[[], object]) -> float:
@@ -40,13 +47,14 @@ def _costs(body: bytes, routing: RoutingConfig) -> dict[str, float]:
     """µs per call of each step for `body`, with a known key and with a new key each call."""
     rng = random.Random(1)
     index = PrefixIndex(routing.prefix_index_size)
-    fields = PROMPT_FIELDS[CHAT]
+    prompt = peek(body, CHAT_PROMPT).prompt  # found in the pass `peek` makes for `model`
+    assert prompt is not None
 
-    def key_of(text: bytes) -> bytes:
-        return affinity_key(None, prompt_prefix(text, routing.prefix_bytes, fields), 2048)
+    def key_of() -> bytes:
+        return affinity_key(None, memoryview(prompt), routing.prefix_bytes)
 
     def known() -> object:
-        placed = index.affinity("sim-model", key_of(body), TARGETS, IDLE, routing.key_load_factor)
+        placed = index.affinity("sim-model", key_of(), TARGETS, IDLE, routing.key_load_factor)
         return order("affinity", TARGETS, IDLE, rng, placed, routing.load_factor)
 
     fresh = iter(range(10**9))
@@ -57,11 +65,11 @@ def _costs(body: bytes, routing: RoutingConfig) -> dict[str, float]:
         return order("affinity", TARGETS, IDLE, rng, placed, routing.load_factor)
 
     return {
-        "prompt_key_us": _us(lambda: key_of(body)),
+        "prompt_key_us": _us(key_of),
         "least_loaded_order_us": _us(lambda: order("least_loaded", TARGETS, IDLE, rng)),
         "affinity_no_index_us": _us(
             lambda: order(
-                "affinity", TARGETS, IDLE, rng, affinity(key_of(body), TARGETS), routing.load_factor
+                "affinity", TARGETS, IDLE, rng, affinity(key_of(), TARGETS), routing.load_factor
             )
         ),
         "affinity_known_key_us": _us(known),
@@ -104,10 +112,7 @@ def two_gateways(factor: float, size: int, trials: int = 20) -> dict[str, float]
     replica must then cache (tenants either gateway placed on it), as means over `trials`."""
     profile = PrefixProfile()
     requests = shared_prefix_requests(profile, 752)
-    keys = [
-        affinity_key(None, prompt_prefix(b, 2048, PROMPT_FIELDS[CHAT]), 2048)
-        for b, _, _ in requests
-    ]
+    keys = [prompt_key(b) for b, _, _ in requests]
     differ = held = 0.0
     for trial in range(trials):
         coin = random.Random(trial)
@@ -156,7 +161,7 @@ def _one_gateway() -> dict[str, float]:
     profile = PrefixProfile()
     index = PrefixIndex(RoutingConfig().prefix_index_size)
     for body, _, _ in shared_prefix_requests(profile, 752):
-        key = affinity_key(None, prompt_prefix(body, 2048, PROMPT_FIELDS[CHAT]), 2048)
+        key = prompt_key(body)
         index.affinity("sim-model", key, TARGETS, IDLE, 1.0)
     return {
         "tenants": profile.tenants,

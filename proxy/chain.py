@@ -10,6 +10,7 @@ import asyncio
 import time
 
 import aiohttp
+import msgspec
 import orjson
 from aiohttp import web
 
@@ -24,7 +25,7 @@ from proxy.timeouts import TIMEOUT_HEADER, request_budget
 class Call:
     """One request on its way through the chain, from `begin` on."""
 
-    __slots__ = ("body", "deadline", "ex", "request", "state", "stream")
+    __slots__ = ("body", "deadline", "ex", "prompt", "request", "state", "stream")
 
     def __init__(
         self, request: web.Request, state: GatewayState, ex: Exchange, body: bytes, deadline: float
@@ -35,6 +36,9 @@ class Call:
         self.body = body  # as received (a route may put its own translation in its place)
         self.deadline = deadline  # event-loop time
         self.stream = False  # the client asked for a stream (set once the body is read)
+        # The body's prompt, where the route's own pass over the body found it (None: it
+        # has none); UNSET: not looked for, `affinity_of` finds it
+        self.prompt: msgspec.Raw | msgspec.UnsetType | None = msgspec.UNSET
 
 
 async def begin(request: web.Request) -> Call:

@@ -34,6 +34,7 @@ class Plan(msgspec.Struct, frozen=True):
 
     model_label: str
     steps: tuple[Step, ...]
+    keyed: bool = False  # a model of the chain uses `affinity`: requests need its key
 
 
 def plan(config: Config, model: str, known: Collection[str] = ()) -> Plan:
@@ -58,7 +59,8 @@ def plan(config: Config, model: str, known: Collection[str] = ()) -> Plan:
         Step(name, config.models[name].policy, tuple(targets_of(name, config.models[name], model)))
         for name in chain
     )
-    return Plan(model_label=model, steps=steps)
+    keyed = any(step.policy == "affinity" for step in steps)
+    return Plan(model_label=model, steps=steps, keyed=keyed)
 
 
 def targets_of(name: str, entry: ModelConfig, requested: str) -> list[Target]:

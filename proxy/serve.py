@@ -27,7 +27,7 @@ from proxy.state import STATE, GatewayState
 from proxy.stream_usage import Edit, apply, options_span, request_edit
 from proxy.translated import Adapter, exchange_translated
 from proxy.upstream import Backend
-from proxy.view import decode_object, prompt_prefix, set_model
+from proxy.view import decode_object, prompt_of, set_model
 
 NEVER: Literal["never"] = "never"  # no backend serves the route natively: always translate
 SESSION_HEADER = "X-Session-ID"  # requests that share it go to the same replica (`affinity`)
@@ -117,14 +117,16 @@ def affinity_of(call: Call, route: Plan, path: str = "") -> bytes:
     """The request's key for the `affinity` policy (b"" when no model of the chain uses it):
     its session id, else its prompt's first bytes; `path` is the OpenAI-style route the body
     is shaped for ("": any shape). Each `affinity` model places it (forward.arrange)."""
-    if not any(step.policy == "affinity" for step in route.steps):
+    if not route.keyed:
         return b""
     session = call.request.headers.get(SESSION_HEADER)
     prefix_bytes = call.state.config.routing.prefix_bytes
     if session or not call.body:  # a session id keys it whatever the prompt
         return affinity_key(session, b"", prefix_bytes)
-    prompt = prompt_prefix(call.body, prefix_bytes, PROMPT_FIELDS.get(path))
-    return affinity_key(None, prompt, prefix_bytes)
+    prompt = call.prompt
+    if prompt is msgspec.UNSET:  # the route's handler did not look for it
+        prompt = prompt_of(call.body, PROMPT_FIELDS.get(path))
+    return affinity_key(None, memoryview(prompt) if prompt is not None else b"", prefix_bytes)
 
 
 # The OpenAI routes every surface maps onto, and the helper routes beside them.
@@ -135,13 +137,14 @@ CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES = (
     "/v1/responses",
 )
 OPENAI_POST_ROUTES = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
+MESSAGES = "/v1/messages"  # Anthropic's
 # Where each route's body holds the prompt that keys `affinity`, its own system prompt first.
 PROMPT_FIELDS = {
     CHAT: ("messages",),
     COMPLETIONS: ("prompt",),
     EMBEDDINGS: ("input",),
     RESPONSES: ("input",),
-    "/v1/messages": ("system", "messages"),
+    MESSAGES: ("system", "messages"),
 }
 # vLLM's and SGLang's helper routes (vLLM's benchmark client calls /tokenize first); not
 # every kind has them, so each is an optional API (`serves`).

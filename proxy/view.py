@@ -25,6 +25,11 @@ class _Fields(msgspec.Struct, frozen=True):
     stream: object = False
     chat_template: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
     stream_options: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    # Where each route's prompt is, for `affinity`'s key (found in the same pass)
+    system: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # Anthropic's own system prompt
+    messages: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    prompt: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+    input: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
 
 
 class RequestView(msgspec.Struct, frozen=True):
@@ -35,6 +40,7 @@ class RequestView(msgspec.Struct, frozen=True):
     chat_template: bool = False  # the body carries a `chat_template` to render
     model_at: tuple[int, int] | None = None  # the model value's byte span, for a rewrite
     options_at: tuple[int, int] | None = None  # a stream's `stream_options` value's span
+    prompt: msgspec.Raw | None = None  # the value of the first of `peek`'s prompt fields
 
 
 class _InvocationFields(msgspec.Struct, frozen=True):
@@ -56,6 +62,7 @@ class Invocation(msgspec.Struct, frozen=True):
     stream: bool
     chat_template: bool = False
     options_at: tuple[int, int] | None = None  # a stream's `stream_options` value's span
+    prompt: msgspec.Raw | None = None  # its kind's prompt (`messages`, `prompt`, `input`)
 
 
 _T = TypeVar("_T")
@@ -64,8 +71,9 @@ _INVOCATION = msgspec.json.Decoder(_InvocationFields)
 _ANY = msgspec.json.Decoder()
 
 
-def peek(body: bytes) -> RequestView:
-    """Decode `model` and `stream`, or raise `InvalidRequest` saying what is wrong.
+def peek(body: bytes, prompt_fields: tuple[str, ...] = ()) -> RequestView:
+    """Decode `model` and `stream`, or raise `InvalidRequest` saying what is wrong; the
+    view's `prompt` is the value of the first of `prompt_fields` the body has.
 
     One C-speed pass over the body (a second one only where a duplicate `model` could hide);
     `model` named twice at the top level is refused, whether or not a rewrite follows.
@@ -85,7 +93,17 @@ def peek(body: bytes) -> RequestView:
         chat_template=view.chat_template is not msgspec.UNSET,
         model_at=(start, start + len(view.model)),
         options_at=_options_at(body, view.stream_options) if stream else None,
+        prompt=_first(view, prompt_fields),
     )
+
+
+def _first(fields: msgspec.Struct, names: tuple[str, ...]) -> msgspec.Raw | None:
+    """The value of the first of the decoded `fields` named in `names` the body had."""
+    for name in names:
+        value = getattr(fields, name)
+        if value is not msgspec.UNSET:
+            return value  # type: ignore[no-any-return]
+    return None
 
 
 def _model_at(body: bytes, value: msgspec.Raw) -> int:
@@ -133,11 +151,11 @@ def peek_invocation(body: bytes) -> Invocation:
     template = fields.chat_template is not msgspec.UNSET
     options = _options_at(body, fields.stream_options) if stream else None
     if fields.messages is not msgspec.UNSET:
-        return Invocation("chat", stream, template, options)
+        return Invocation("chat", stream, template, options, fields.messages)
     if fields.prompt is not msgspec.UNSET:
-        return Invocation("completions", stream, options_at=options)
+        return Invocation("completions", stream, options_at=options, prompt=fields.prompt)
     if fields.input is not msgspec.UNSET:
-        return Invocation("embeddings", stream)
+        return Invocation("embeddings", stream, prompt=fields.input)
     if fields.inputs is not msgspec.UNSET:
         return Invocation("tgi", stream)
     raise InvalidRequest(
@@ -251,74 +269,20 @@ class _Prompt(msgspec.Struct, frozen=True):
     contents: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET  # Gemini
 
 
-class _Members(msgspec.Struct, frozen=True):
-    """Any JSON object, every member skipped."""
-
-
 _PROMPT = msgspec.json.Decoder(_Prompt)
-_MEMBERS = msgspec.json.Decoder(_Members)
-_AFTER_KEY = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
-_LOOKS = 8  # places a field's name is looked at before the body is decoded instead
-_NEAR = 64 * 1024  # a top-level key further into the body is found by decoding it
-_UNSURE = -1
+_PROMPT_FIELDS = tuple(_Prompt.__struct_fields__)
 
 
-def prompt_prefix(body: bytes, size: int, fields: tuple[str, ...] | None = None) -> bytes:
-    """The first `size` bytes of the body from its prompt's value on: what `affinity` keys a
-    request by (b"" when the body has no prompt or is not JSON).
-
-    The prompt is the first of `fields` the body has at its top level (None: each
-    protocol's, in `_Prompt`'s order). Named fields are looked for as bytes, which costs
-    what precedes the prompt in the body (a few bytes in what clients send) and never a
-    second pass over it: a place is taken once msgspec reads the bytes before it as the
-    opening of a JSON object, so it is a top-level key, not text in a value or a nested key.
-    When that is not conclusive (the name at `_LOOKS` places that are not the key, or the key
-    past `_NEAR` bytes) or no field is named, msgspec decodes the body once, skipping every
-    value but the prompt's. A name spelled with escapes is seen by the decode only.
-    """
-    for name in fields or ():
-        at = _top_level_value(body, name)
-        if at == _UNSURE:
-            return _decoded_prefix(body, size)
-        if at is not None:
-            return body[at : at + size]
-    return b"" if fields else _decoded_prefix(body, size)
-
-
-def _top_level_value(body: bytes, name: str) -> int | None:
-    """Where the value of the top-level key `name` starts in the body: None when the name is
-    not in the body, `_UNSURE` when the places looked at do not tell."""
-    quoted = b'"' + name.encode() + b'"'
-    start = 0
-    for _ in range(_LOOKS):
-        at = body.find(quoted, start)
-        if at < 0:
-            return None
-        start = at + len(quoted)
-        colon = _AFTER_KEY.match(body, start)
-        if colon is None or body[at - 1 : at] == b"\\":  # a string value, or text in one
-            continue
-        if at > _NEAR:
-            return _UNSURE
-        try:
-            _MEMBERS.decode(body[:at] + b'"":0}')
-        except (msgspec.DecodeError, RecursionError):
-            continue  # a key of a nested object
-        return colon.end()
-    return _UNSURE
-
-
-def _decoded_prefix(body: bytes, size: int) -> bytes:
-    """`prompt_prefix` by decoding the body (msgspec skips every value but the prompt's)."""
+def prompt_of(body: bytes, fields: tuple[str, ...] | None = None) -> msgspec.Raw | None:
+    """The value of the body's prompt, for a route whose handler did not find it: the first
+    of `fields` (None: of each protocol's, in `_Prompt`'s order) the body has at its top level
+    (None when it has none or is not JSON). One msgspec pass, skipping every other value;
+    `peek` and `peek_invocation` find the same value in their own pass."""
     try:
-        fields = _PROMPT.decode(body)
+        decoded = _PROMPT.decode(body)
     except (msgspec.DecodeError, RecursionError):
-        return b""
-    for part in (fields.system, fields.messages, fields.prompt, fields.input, fields.contents):
-        if part is not msgspec.UNSET:
-            at = _address(part) - _address(body)
-            return body[at : at + size]
-    return b""
+        return None
+    return _first(decoded, _PROMPT_FIELDS if fields is None else fields)
 
 
 class _ModelValue(msgspec.Struct, frozen=True):

@@ -86,6 +86,7 @@ async def invocations(request: web.Request) -> web.StreamResponse:
     call = await begin(request)
     kind = peek_invocation(call.body)
     call.stream = kind.stream
+    call.prompt = kind.prompt
     path = _ROUTE_OF_KIND.get(kind.kind)
     if path is None:
         raise InvalidRequest(

@@ -30,9 +30,11 @@ async def endpoint_proxy(request: web.Request) -> web.StreamResponse:
     if path in OPENAI_POST_ROUTES and request.method == "POST":
         kind = peek_invocation(call.body)
         call.stream = kind.stream
-        if kind.kind == "tgi" and path == CHAT:
+        if kind.kind == "tgi" and path == CHAT:  # its prompt is found in the chat body if needed
             chat = oicm.tgi_to_chat_request(decode_object(call.body), upstream_model=endpoint)
             call.body = orjson.dumps(chat)
+        else:
+            call.prompt = kind.prompt
         return await serve_openai(
             call, path, endpoint, chat_template=kind.chat_template, force_model=True
         )

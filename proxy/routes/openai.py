@@ -9,7 +9,7 @@ from aiohttp import web
 from proxy.catalog import model_cards
 from proxy.chain import begin, json_response
 from proxy.errors import NotFound
-from proxy.serve import HELPER_ROUTES, serve_model, serve_openai
+from proxy.serve import HELPER_ROUTES, PROMPT_FIELDS, serve_model, serve_openai
 from proxy.view import peek
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -36,11 +36,13 @@ def helper_route(path: str) -> Handler:
 
 def openai_route(path: str) -> Handler:
     """A handler for an OpenAI-style POST route, addressed by the body's `model`."""
+    prompt_fields = PROMPT_FIELDS[path]
 
     async def handle(request: web.Request) -> web.StreamResponse:
         call = await begin(request)
-        view = peek(call.body)
+        view = peek(call.body, prompt_fields)
         call.stream = view.stream
+        call.prompt = view.prompt
         return await serve_openai(
             call,
             path,

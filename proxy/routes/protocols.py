@@ -7,7 +7,7 @@ from aiohttp import web
 from proxy.adapters import AnthropicAdapter, GeminiAdapter
 from proxy.chain import begin
 from proxy.errors import InvalidRequest, NotFound
-from proxy.serve import NEVER, serve_model, vision_of
+from proxy.serve import MESSAGES, NEVER, PROMPT_FIELDS, serve_model, vision_of
 from proxy.view import decode_object, peek
 
 GEMINI_VERSIONS = ("v1", "v1beta")
@@ -17,13 +17,14 @@ _GEMINI_METHODS = {"generateContent": False, "streamGenerateContent": True}
 async def anthropic_messages(request: web.Request) -> web.StreamResponse:
     """POST .../v1/messages: as is to backends that serve it, translated for the others."""
     call = await begin(request)
-    view = peek(call.body)
+    view = peek(call.body, PROMPT_FIELDS[MESSAGES])
     call.stream = view.stream
+    call.prompt = view.prompt
     vision = vision_of(request, view.model)
     return await serve_model(
         call,
         view.model,
-        native_path="/v1/messages",
+        native_path=MESSAGES,
         native_api="messages",
         adapter=lambda: AnthropicAdapter(decode_object(call.body), view.model, vision),
     )

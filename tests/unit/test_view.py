@@ -16,7 +16,8 @@ from proxy.view import (
     decode_object,
     model_span,
     peek,
-    prompt_prefix,
+    peek_invocation,
+    prompt_of,
     raw_span,
     replace_model,
 )
@@ -249,28 +250,34 @@ def test_model_span_skips_model_as_a_top_level_value() -> None:
     assert (body.index(b'"m"'), body.index(b'"m"') + 3) == (start, end)
 
 
-# --- prompt_prefix -----------------------------------------------------------------------
+# --- the prompt that keys `affinity`: prompt_of, and peek's own ------------------------
 
 CHAT_FIELDS = ("messages",)
+ALL_FIELDS = ("system", "messages", "prompt", "input")  # peek's (Gemini's `contents` is not)
+
+
+def _bytes(raw: msgspec.Raw | None) -> bytes | None:
+    return None if raw is None else bytes(raw)
 
 
 @pytest.mark.parametrize(
     ("body", "expected"),
     [
-        (b'{"model": "m", "messages": [{"role": "user"}], "n": 1}', b'[{"role": "user"}], '),
-        (b'{"messages"  :\n [1, 2], "model": "m"}', b'[1, 2], "model": "m"'),
-        (b'{"name": "messages", "messages": [3]}', b"[3]}"),  # the word as a value first
-        (b'{"tools": [{"messages": {}}], "messages": [4]}', b"[4]}"),  # a nested key first
-        (b'{"a": "x\\"messages\\": [0]", "messages": [5]}', b"[5]}"),  # quoted text first
-        (b'{"model": "m"}', b""),
-        (b'["messages", 1]', b""),  # not an object
-        (b'not json "messages": [1]', b""),
+        (b'{"model": "m", "messages": [{"role": "user"}], "n": 1}', b'[{"role": "user"}]'),
+        (b'{"messages"  :\n [1, 2], "model": "m"}', b"[1, 2]"),
+        (b'{"name": "messages", "messages": [3]}', b"[3]"),  # the word as a value first
+        (b'{"tools": [{"messages": {}}], "messages": [4]}', b"[4]"),  # a nested key first
+        (b'{"a": "x\\"messages\\": [0]", "messages": [5]}', b"[5]"),  # quoted text first
+        (b'{"m\\u0065ssages": [6]}', b"[6]"),  # the name spelled with an escape
+        (b'{"model": "m"}', None),
+        (b'["messages", 1]', None),  # not an object
+        (b'not json "messages": [1]', None),
     ],
 )
-def test_prompt_prefix_finds_the_top_level_key(body: bytes, expected: bytes) -> None:
-    """The prompt is the value of the top-level key, whatever looks like it before; the key's
-    first bytes run on past a value shorter than them."""
-    assert expected == prompt_prefix(body, 20, CHAT_FIELDS)
+def test_prompt_of_is_the_top_level_value(body: bytes, expected: bytes | None) -> None:
+    """The prompt is the value of the top-level key, whatever looks like it before, and
+    only that value: the fields after it do not change a request's key."""
+    assert expected == _bytes(prompt_of(body, CHAT_FIELDS))
 
 
 @pytest.mark.parametrize(
@@ -279,21 +286,18 @@ def test_prompt_prefix_finds_the_top_level_key(body: bytes, expected: bytes) -> 
         b'{"model": "m", "messages": [{"role": "system", "content": "' + b"s" * 3000 + b'"}]}',
         b'{"messages": [{"role": "user", "content": "hi"}], "model": "m"}',
         b'{"system": "be brief", "messages": [], "model": "m"}',
-        b'{"max_tokens": 5, "messages": [1], "system": [{"type": "text", "text": "x"}]}',
+        b'{"max_tokens": 5, "messages": [1], "system": [{"type": "text"}], "model": "m"}',
         b'{"model": "m", "prompt": "once upon a time"}',
         b'{"input": ["a", "b"], "model": "m"}',
-        b'{"contents": [{"parts": [{"text": "hi"}]}]}',
-        b'{"tools": [' + b'{"messages": 1}, ' * 20 + b'{}], "messages": [2]}',  # many looks
-        b'{"pad": "' + b"p" * 70_000 + b'", "messages": [3]}',  # the key far into the body
-        b"{}",
-        b"",
+        b'{"tools": [' + b'{"messages": 1}, ' * 20 + b'{}], "messages": [2], "model": "m"}',
+        b'{"pad": "' + b"p" * 70_000 + b'", "messages": [3], "model": "m"}',
+        b'{"model": "m"}',
     ],
 )
-def test_prompt_prefix_by_field_name_is_what_a_decode_finds(body: bytes) -> None:
-    """Looking a route's field up by name gives the bytes a decode of the body gives (the
-    decode is the way when the name alone does not tell)."""
-    fields = ("system", "messages", "prompt", "input", "contents")
-    assert prompt_prefix(body, 64) == prompt_prefix(body, 64, fields)
+def test_peek_finds_the_prompt_prompt_of_finds(body: bytes) -> None:
+    """The handler's own pass (`peek`) and the fallback's decode key a request alike."""
+    assert _bytes(prompt_of(body, ALL_FIELDS)) == _bytes(peek(body, ALL_FIELDS).prompt)
+    assert _bytes(prompt_of(body)) == _bytes(peek(body, ALL_FIELDS).prompt)
 
 
 _TRICKY = st.sampled_from(["messages", "system", "{", "[", '"', "\\", ",", "m", ':"messages":'])
@@ -304,34 +308,37 @@ _VALUES = st.recursive(
 )
 
 
-@given(st.dictionaries(_TRICKY, _VALUES, max_size=5))
-def test_prompt_prefix_by_name_agrees_with_a_decode_on_compact_json(obj: dict[str, object]) -> None:
-    """Compact JSON (what SDKs send) with field names, braces, brackets, quotes and escapes in
-    keys and in strings: by name or by decode, the same bytes."""
-    body = orjson.dumps(obj)
-    fields = ("system", "messages", "prompt", "input", "contents")
-    assert prompt_prefix(body, 64) == prompt_prefix(body, 64, fields)
+@given(st.dictionaries(_TRICKY, _VALUES, max_size=5), _VALUES)
+def test_peek_and_prompt_of_agree_on_any_body(obj: dict[str, object], prompt: object) -> None:
+    """Field names, braces, brackets, quotes and escapes in keys and in strings: the prompt
+    `peek` finds is the one a decode finds, and it is the value the client sent."""
+    body = orjson.dumps({**obj, "model": "m", "messages": prompt})
+    found = peek(body, CHAT_FIELDS).prompt
+    assert _bytes(found) == _bytes(prompt_of(body, CHAT_FIELDS)) == orjson.dumps(prompt)
 
 
-def test_prompt_prefix_by_name_does_not_see_an_escaped_name() -> None:
-    """A key spelled with escapes is found by the decode only; by name the request has no
-    prompt to key it (and `affinity` places it by load)."""
-    body = b'{"m\\u0065ssages": [4]}'
-    assert (b"[4]}", b"") == (prompt_prefix(body, 20), prompt_prefix(body, 20, CHAT_FIELDS))
+def test_the_prompt_of_an_invocation_is_its_kind_s() -> None:
+    """MLflow's and OICM's bodies: the kind's own field (`prompt_of` finds the same)."""
+    chat = b'{"messages": [{"role": "user", "content": "q"}], "input": "x"}'
+    assert b'[{"role": "user", "content": "q"}]' == _bytes(peek_invocation(chat).prompt)
+    assert b'"once"' == _bytes(peek_invocation(b'{"prompt": "once", "n": 2}').prompt)
+    assert b'["a"]' == _bytes(peek_invocation(b'{"input": ["a"]}').prompt)
+    assert peek_invocation(b'{"inputs": "tgi"}').prompt is None
 
 
-def test_prompt_prefix_prefers_a_system_prompt_of_its_own() -> None:
+def test_the_prompt_prefers_a_system_prompt_of_its_own() -> None:
     """Anthropic's `system` keys the request before its messages, wherever it is."""
-    body = b'{"messages": [{"role": "user", "content": "q1"}], "system": "You are X."}'
-    assert b'"You are X."}' == prompt_prefix(body, 20, ("system", "messages"))
-    assert b'"You are X."}' == prompt_prefix(body, 20)
+    body = (
+        b'{"messages": [{"role": "user", "content": "q1"}], "system": "You are X.", "model": "m"}'
+    )
+    assert b'"You are X."' == _bytes(prompt_of(body, ("system", "messages")))
+    assert b'"You are X."' == _bytes(prompt_of(body))
+    assert b'"You are X."' == _bytes(peek(body, ("system", "messages")).prompt)
 
 
-def test_prompt_prefix_of_a_large_body_reads_only_its_start() -> None:
-    """A 32 MiB chat body's key is its first bytes from `messages` on, found without a pass
-    over the rest (the values after it are never read: a broken tail does not matter)."""
-    body = b'{"model": "m", "messages": [{"content": "' + b"x" * (32 << 20) + b"BROKEN"
-    assert b'[{"content": "xxxxxx' == prompt_prefix(body, 20, CHAT_FIELDS)
+def test_gemini_contents_are_found_by_the_decode() -> None:
+    body = b'{"contents": [{"parts": [{"text": "hi"}]}]}'
+    assert b'[{"parts": [{"text": "hi"}]}]' == _bytes(prompt_of(body))
 
 
 @pytest.mark.parametrize(
