@@ -18,7 +18,8 @@ and replaces the "Fleet" section of bench/RESULTS.md (full runs).
   backend's share, and issue 9's targets.
 - cost: the gateway's CPU-us per request (from /proc, as bench/run.py) in the S1 shape (wrk, 64
   connections, non-streamed, 16 tokens) for each policy over 2 targets, beside the one-backend
-  `--backend` gateway, and with an ~8,000-token (32 KB) prompt.
+  `--backend` gateway, and with an ~8,000-token (32 KB) prompt; three interleaved rounds of
+  every case, each case's median kept (one round of 6 s spreads by about 5 us).
 - index: in process, no sockets (bench/fleetindex.py): µs per request of `affinity`'s key, its
   index and its order beside `least_loaded`'s order, with a key the index holds and with a new
   key every call; the index's memory full and after a flood of new keys.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -75,12 +77,13 @@ class Settings:
     fleet_workers: int = 32
     kill_at: float = 0.4  # of fleet_s
     prefix_s: float = 20.0
-    cost_s: float = 5.0
+    cost_s: float = 4.0
+    cost_rounds: int = 3  # each case measured this many times, interleaved; the median is kept
     warmup_s: float = 1.0
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(fleet_s=8.0, prefix_s=6.0, cost_s=2.0, warmup_s=0.5)
+        return cls(fleet_s=8.0, prefix_s=6.0, cost_s=2.0, cost_rounds=1, warmup_s=0.5)
 
 
 FLEET_SIMS = (  # fast, medium, slow; the fast one is killed
@@ -401,38 +404,66 @@ def cost_part(settings: Settings, work: Path) -> dict[str, Any]:
         ("least_loaded, 2 targets, 32 KB prompt", "least_loaded", big, base_big),
         ("affinity, 2 targets, 32 KB prompt", "affinity", big, base_big),
     ]
-    out: dict[str, Any] = {"body_bytes": {"small": len(small), "big": len(big)}, "cases": {}}
+    out: dict[str, Any] = {
+        "body_bytes": {"small": len(small), "big": len(big)},
+        "rounds": settings.cost_rounds,
+        "cases": {},
+    }
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in cases}
     harness = Harness(work)
     try:
         sims = harness.sims((Sim("sim-a"), Sim("sim-b")))
         ports = {name: s.port for name, s in sims.items()}
-        for label, policy, body, reference in cases:
-            if policy is None:
-                gw = harness.gateway(f"gateway-cost-one-{len(body)}", None, sims["sim-a"].url)
-            else:
-                yaml_text = gateway_yaml(0, ports, policy, per_target_model=False)
-                gw = harness.gateway(f"gateway-cost-{policy}-{len(body)}", yaml_text)
-            url = f"{gw.url}/v1/chat/completions"
-            run_wrk(url, body, connections=64, duration_s=settings.warmup_s, cpu=LOAD_CPU)
-            quiet = wait_quiet(PROXY_CPU)
-            with CpuWindow(gw.pid) as cpu, MachineBusy() as busy:
-                wrk = run_wrk(url, body, connections=64, duration_s=settings.cost_s, cpu=LOAD_CPU)
-            stop(gw)
-            requests = wrk["requests"]
-            out["cases"][label] = {
-                "reference": reference,
-                "requests": requests,
-                "requests_per_s": wrk["requests_per_s"],
-                "errors": wrk["errors"],
-                "latency_ms": wrk["latency_ms"],
-                "cpu_us_per_request": round(cpu.cpu_s * 1e6 / requests, 2) if requests else None,
-                "proxy_cpu_busy_before": quiet,
-                "cpu_busy": busy.busy,
-            }
-            print(f"cost/{label}: {fleetreport.brief(out['cases'][label])}", file=sys.stderr)
+        for round_no in range(settings.cost_rounds):  # interleaved: drift hits every case alike
+            for label, policy, body, _ in cases:
+                if policy is None:
+                    name = f"gateway-cost-one-{len(body)}-{round_no}"
+                    gw = harness.gateway(name, None, sims["sim-a"].url)
+                else:
+                    yaml_text = gateway_yaml(0, ports, policy, per_target_model=False)
+                    gw = harness.gateway(f"gateway-cost-{policy}-{len(body)}-{round_no}", yaml_text)
+                runs[label].append(_cost_run(settings, gw, body))
+                stop(gw)
+                print(f"cost/{label}, round {round_no + 1}: {fleetreport.brief(runs[label][-1])}",
+                      file=sys.stderr)  # fmt: skip
     finally:
         harness.stop_all()
+    for label, _, _, reference in cases:
+        out["cases"][label] = _cost_summary(runs[label], reference)
     return out
+
+
+def _cost_run(settings: Settings, gw: Service, body: bytes) -> dict[str, Any]:
+    """One round of one case: wrk's warm-up, then its measured run with the gateway's CPU."""
+    url = f"{gw.url}/v1/chat/completions"
+    run_wrk(url, body, connections=64, duration_s=settings.warmup_s, cpu=LOAD_CPU)
+    quiet = wait_quiet(PROXY_CPU)
+    with CpuWindow(gw.pid) as cpu, MachineBusy() as busy:
+        wrk = run_wrk(url, body, connections=64, duration_s=settings.cost_s, cpu=LOAD_CPU)
+    requests = wrk["requests"]
+    return {
+        "requests": requests,
+        "requests_per_s": wrk["requests_per_s"],
+        "errors": wrk["errors"],
+        "latency_ms": wrk["latency_ms"],
+        "cpu_us_per_request": round(cpu.cpu_s * 1e6 / requests, 2) if requests else None,
+        "proxy_cpu_busy_before": quiet,
+        "cpu_busy": busy.busy,
+    }
+
+
+def _cost_summary(rounds: list[dict[str, Any]], reference: str | None) -> dict[str, Any]:
+    """A case over its rounds: the median CPU per request (and each round's), summed counts."""
+    cpu = [r["cpu_us_per_request"] for r in rounds if r["cpu_us_per_request"] is not None]
+    return {
+        "reference": reference,
+        "requests": sum(r["requests"] for r in rounds),
+        "requests_per_s": statistics.median(r["requests_per_s"] for r in rounds),
+        "errors": sum(r["errors"] for r in rounds),
+        "cpu_us_per_request": round(statistics.median(cpu), 2) if cpu else None,
+        "cpu_us_per_request_rounds": cpu,
+        "rounds": rounds,
+    }
 
 
 # -- the entry point -----------------------------------------------------------------------
