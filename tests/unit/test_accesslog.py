@@ -8,7 +8,7 @@ import re
 
 from multidict import CIMultiDict
 
-from proxy.accesslog import ATOMIC_BYTES, AccessLog, access_record, line_chunks
+from proxy.accesslog import ATOMIC_BYTES, AccessLog, access_record
 from proxy.auth import KeySet, authenticate
 from proxy.exchange import Exchange
 from proxy.usage import Usage
@@ -109,15 +109,6 @@ def test_access_record_client_gone() -> None:
     assert (499, True, 250.0) == (record["status"], record["client_gone"], record["ttfb_ms"])
 
 
-def test_line_chunks_cut_only_between_lines() -> None:
-    """Pieces hold whole lines, each within the limit unless one line alone is over it."""
-    lines = [b"a" * 3 + b"\n", b"b" * 5 + b"\n", b"c\n", b"d" * 20 + b"\n", b"e\n"]
-    chunks = line_chunks(lines, 10)
-    assert [b"aaa\nbbbbb\n", b"c\n", b"d" * 20 + b"\n", b"e\n"] == chunks
-    assert b"".join(lines) == b"".join(chunks)
-    assert [] == line_chunks([], 10)
-
-
 def test_lines_are_written_whole_and_at_most_pipe_buf_at_a_time() -> None:
     """Several workers share one standard output: every write holds whole lines only."""
     writes: list[bytes] = []
@@ -128,9 +119,18 @@ def test_lines_are_written_whole_and_at_most_pipe_buf_at_a_time() -> None:
             return len(data)
 
     log = AccessLog(Recording())
-    for _ in range(100):
-        log.pending.append(b"x" * 299 + b"\n")
-    log.flush()
-    assert 100 * 300 == sum(len(w) for w in writes)
+    for i in range(100):
+        ex = finished_stream()
+        ex.request_id = "r" * (i % 7 * 40)  # lines of several lengths
+        log.write(ex, "POST", "/v1/chat/completions", 100.5)
     assert all(len(w) <= ATOMIC_BYTES and w.endswith(b"\n") for w in writes)
+    assert writes and log.pending_bytes <= ATOMIC_BYTES  # written as they fill, little kept
+    log.flush()
+    lines = b"".join(writes).splitlines()
+    assert 100 == len(lines) and all(json.loads(line)["status"] == 200 for line in lines)
     assert [] == log.pending
+    ex = finished_stream()
+    ex.request_id = "x" * 5000  # a line longer than one atomic write: alone, whole
+    log.write(ex, "POST", "/v1/chat/completions", 100.5)
+    log.flush()
+    assert 5000 < len(writes[-1]) and writes[-1].endswith(b"\n") and writes[-1].count(b"\n") == 1
