@@ -127,12 +127,13 @@ class Floor:
         chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
         sink = Sink(upstream, transport, chunked)
         rest = upstream.divert(sink)  # what arrived since the head
+        until = asyncio.get_running_loop().time() + BOUND_S
+        bound = asyncio.get_running_loop().call_at(until, upstream.wake)  # one for the stream
         try:
             if rest:
                 sink(rest)
-            until = asyncio.get_running_loop().time() + BOUND_S
             while not upstream.done and not sink.gone:
-                await upstream.wait(until)
+                await upstream.wait()
                 if sink.paused:
                     await drained(transport)
                     sink.paused = False
@@ -144,6 +145,7 @@ class Floor:
             transport.abort()  # broken mid-stream: the client sees its body cut short
             return response
         finally:
+            bound.cancel()
             upstream.undivert()
         if not sink.gone:
             await response.write_eof()

@@ -196,8 +196,9 @@ async def exchange(
             upstream = await attempt.send(request.method, target, headers, body)
             attempt.response, attempt.complete = await relay.start(request, upstream, ex)
             if not attempt.complete:
+                idle_s = state.config.timeouts.idle_s
                 attempt.complete = await relay.pump(
-                    request, upstream, attempt.response, ex, deadline, state.config.timeouts.idle_s
+                    request, upstream, attempt.response, ex, deadline, idle_s, state.deadlines
                 )
     except (TimeoutError, HeadTimeout, BackendUnreachable) as exc:
         response, err = attempt.broken(exc)

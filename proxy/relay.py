@@ -7,6 +7,7 @@ import time
 
 from aiohttp import web
 
+from proxy.deadlines import Deadlines
 from proxy.errors import ProxyError, sse_error
 from proxy.exchange import Exchange
 from proxy.headers import downstream_headers, is_event_stream
@@ -164,11 +165,13 @@ async def pump(
     ex: Exchange,
     deadline: float,
     idle_s: float,
+    deadlines: Deadlines,
 ) -> bool:
     """Relay the body as it arrives; True when it ended, False when the client went away.
 
     A TimeoutError is raised at the request's deadline or after `idle_s` without a piece of
-    the body; the task wakes only for those checks, for the end, and for a slow client.
+    the body; the task wakes only for those checks (on the shared timer of `deadlines`), for
+    the end, and for a slow client.
     """
     transport = request.transport
     if transport is None:
@@ -187,7 +190,11 @@ async def pump(
                 sink.account(early)
             await response.write(early)  # b"": the head alone
         while not upstream.done:
-            await upstream.wait(min(deadline, sink.last_at + idle_s))
+            alarm = deadlines.wake_at(min(deadline, sink.last_at + idle_s), upstream.wake)
+            try:
+                await upstream.wait()
+            finally:
+                deadlines.drop(alarm)
             if sink.gone:
                 ex.client_gone = True
                 return False

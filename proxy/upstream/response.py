@@ -97,19 +97,17 @@ class Response:
         """Stop handing body pieces to the sink (and drop the reference cycle to it)."""
         self._sink = None
 
-    async def wait(self, until: float) -> None:
-        """Until the body ends or fails (which raises), `wake()` is called, or loop time `until`."""
+    async def wait(self) -> None:
+        """Until the body ends or fails (which raises) or `wake()` is called (by whoever
+        keeps the reader's timeout: this sets no timer)."""
         if self._error is not None:
             raise self._error
         if self._done:
             return
-        loop = self._source.loop
-        self._waiter = waiter = loop.create_future()
-        timer = loop.call_at(until, self.wake)
+        self._waiter = waiter = self._source.loop.create_future()
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
         if self._error is not None:
             raise self._error

@@ -123,3 +123,30 @@ async def test_many_deadlines_share_one_timer_armed_for_the_earliest() -> None:
     assert ended[0] == "first" and ended[-1] == "late" and len(ended) == 22
     assert ended[1:21] == [f"t{i}" for i in range(20)]
     assert deadlines.timer is None
+
+
+async def test_wake_ups_share_the_deadlines_timer_and_a_dropped_one_never_runs() -> None:
+    """A relay's idle wake-up waits in the same heap as the deadlines: it is called at its
+    time, in order with them, and not at all once dropped."""
+    deadlines = Deadlines()
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    woken: list[str] = []
+    deadlines.wake_at(now + 0.03, lambda: woken.append("idle"))
+    dropped = deadlines.wake_at(now + 0.01, lambda: woken.append("dropped"))
+    assert deadlines.armed_at == pytest.approx(now + 0.01)
+    deadlines.drop(dropped)
+
+    async def bounded() -> None:
+        try:
+            async with deadlines.at(now + 0.02):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            woken.append("deadline")
+
+    await bounded()
+    await asyncio.sleep(0.03)
+    assert woken == ["deadline", "idle"]
+    assert deadlines.timer is None and deadlines.pending.next_at() is None
+    deadlines.drop(dropped)  # after its time, and twice: nothing
+    assert deadlines.pending.marked == 0
