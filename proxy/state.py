@@ -76,14 +76,20 @@ class GatewayState:
         # state's backends only once this is 0).
         self.active = 0
         self._plans: dict[str, Plan] = {}  # see `plan`
+        self._plans_known = self.known_models  # the lists the plans were made with
 
     def plan(self, model: str) -> Plan:
-        """`routing.plan` for this config, made once per model the config names (any other
-        name's plan depends on the models the backends list, and is made each time)."""
+        """`routing.plan` for this config, made once per model the config names or, with
+        none named, per model the backends list (those plans are made again when the lists
+        change); a name neither lists is planned each time (clients choose those)."""
+        if self._plans_known is not self.known_models:  # a discovery replaced the lists
+            self._plans_known = self.known_models
+            if not self.config.models:
+                self._plans = {}
         made = self._plans.get(model)
         if made is None:
             made = plan(self.config, model, self.known_models)
-            if model in self.config.models:
+            if model in self.config.models or model in self.known_models:
                 self._plans[model] = made
         return made
 

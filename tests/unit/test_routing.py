@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import load_config
+from proxy.accesslog import AccessLog
+from proxy.auth import KeySet
+from proxy.config import Config, load_config
 from proxy.errors import NotFound
 from proxy.health import unready_models
+from proxy.metrics import Metrics
 from proxy.routing import UNKNOWN_MODEL, Plan, Step, Target, plan, targets_of
+from proxy.state import GatewayState
 
 BACKENDS = """
 backends:
@@ -161,4 +165,38 @@ def test_unready_backends_without_models() -> None:
     assert [] == unready_models(PASSTHROUGH, {"gpu-a": False, "gpu-b": True, "gpu-c": False})
     assert ["gpu-a", "gpu-b", "gpu-c"] == unready_models(
         PASSTHROUGH, {"gpu-a": False, "gpu-b": False, "gpu-c": False}
+    )
+
+
+def test_the_state_plans_a_listed_model_once_until_the_lists_change() -> None:
+    """With no models configured, a model the backends list is planned once (the plan is
+    the same object each request) and again when a discovery replaces the lists; a name no
+    backend lists is planned each time (clients choose those names), labelled unknown."""
+    config = load_config(BACKENDS)
+    state = _state(config)
+    state.known_models = {"qwen"}
+    first = state.plan("qwen")
+    assert first is state.plan("qwen") and first.model_label == "qwen"
+    stranger = state.plan("made-up")
+    assert stranger == state.plan("made-up") and stranger is not state.plan("made-up")
+    assert UNKNOWN_MODEL == stranger.model_label
+    state.known_models = {"llama"}  # the backends now list another model
+    again = state.plan("qwen")
+    assert again is not first and UNKNOWN_MODEL == again.model_label
+    assert state.plan("llama") is state.plan("llama")
+
+
+def test_the_state_plans_a_configured_model_once() -> None:
+    config = load_config(BACKENDS + MODELS)
+    state = _state(config)
+    made = state.plan("qwen")
+    state.known_models = {"other"}  # the lists do not matter to configured models
+    assert made is state.plan("qwen")
+    with pytest.raises(NotFound):
+        state.plan("other")
+
+
+def _state(config: Config) -> GatewayState:
+    return GatewayState(
+        config, KeySet([]), {}, Metrics(list(config.backends), 60.0), AccessLog(None)
     )
