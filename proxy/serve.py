@@ -53,34 +53,82 @@ async def serve_model(
     span of `model` in the body when `peek` found it; `usage`, the edit that asks a stream's
     backend for usage, made for backends that take it (`stream_usage`).
     """
-    state, ex, body = call.state, call.ex, call.body
+    state = call.state
     route = state.plan(model)
-    ex.model_label = route.model_label
-    check_scope(ex.principal, model)
-    translation: Adapter | None = None
-
-    def native(backend: Backend) -> bool:
-        return native_api is None or (native_api != NEVER and serves(backend.config, native_api))
-
+    call.ex.model_label = route.model_label
+    check_scope(call.ex.principal, model)
+    to = _Targets(call, model, native_path, native_api, adapter, force_model, model_at, usage)
     if adapter is None and native_api is not None:  # only targets that serve it can take it
-        route = _only(route, lambda name: native(state.backends[name]), native_path, state)
+        route = _only(route, to.serves, native_path, state)
+    key_path = native_path if native_api != NEVER else ""  # a Gemini body is not chat's
+    async with limited(call, model):  # 429 past a limit; settled however the request ends
+        return await try_plan(call, route, to.run, affinity_of(call, route, key_path))
 
-    async def run(backend: Backend, target: Target, may_retry: bool) -> web.StreamResponse:
-        nonlocal translation
-        if native(backend):
-            upstream_model = target.upstream_model or (model if force_model else None)
+
+class _Targets:
+    """How `serve_model`'s request goes to each target it tries: as is where the backend
+    serves the route, else translated (the translation made once, for the first such one).
+    An object rather than closures: it is held for the life of every stream, and a closure's
+    cells and functions took about 700 bytes of each."""
+
+    __slots__ = (
+        "adapter",
+        "call",
+        "force_model",
+        "model",
+        "model_at",
+        "native_api",
+        "native_path",
+        "translation",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        call: Call,
+        model: str,
+        native_path: str,
+        native_api: OptionalApi | Literal["never"] | None,
+        adapter: Callable[[], Adapter] | None,
+        force_model: bool,
+        model_at: tuple[int, int] | None,
+        usage: Edit | None,
+    ) -> None:
+        self.call = call
+        self.model = model
+        self.native_path = native_path
+        self.native_api = native_api
+        self.adapter = adapter
+        self.force_model = force_model
+        self.model_at = model_at
+        self.usage = usage
+        self.translation: Adapter | None = None
+
+    def native(self, backend: Backend) -> bool:
+        api = self.native_api
+        return api is None or (api != NEVER and serves(backend.config, api))
+
+    def serves(self, name: str) -> bool:
+        return self.native(self.call.state.backends[name])
+
+    async def run(self, backend: Backend, target: Target, may_retry: bool) -> web.StreamResponse:
+        call, model = self.call, self.model
+        if self.native(backend):
+            body, usage, ex = call.body, self.usage, call.ex
+            upstream_model = target.upstream_model or (model if self.force_model else None)
             ex.strip_usage = usage is not None and backend.config.stream_usage
             if ex.strip_usage:
                 assert usage is not None
-                payload = apply(body, usage, upstream_model, model_at)
+                payload = apply(body, usage, upstream_model, self.model_at)
             elif upstream_model is not None:
-                payload = set_model(body, upstream_model, model_at)
+                payload = set_model(body, upstream_model, self.model_at)
             else:
                 payload = body
-            return await exchange(call, backend, native_path, payload, may_retry)
-        assert adapter is not None  # `_only` left no target without the route
+            return await exchange(call, backend, self.native_path, payload, may_retry)
+        assert self.adapter is not None  # `_only` left no target without the route
+        translation = self.translation
         if translation is None:
-            translation = adapter()
+            translation = self.translation = self.adapter()
         upstream_model = target.upstream_model or model
         if translation.heavy:  # in a worker thread: the loop keeps serving everyone else
             request_body = await asyncio.to_thread(translation.chat_request, upstream_model)
@@ -88,10 +136,6 @@ async def serve_model(
             request_body = translation.chat_request(upstream_model)
         chat = orjson.dumps(request_body)
         return await exchange_translated(call, backend, translation, chat, may_retry)
-
-    key_path = native_path if native_api != NEVER else ""  # a Gemini body is not chat's
-    async with limited(call, model):  # 429 past a limit; settled however the request ends
-        return await try_plan(call, route, run, affinity_of(call, route, key_path))
 
 
 def _only(route: Plan, able: Callable[[str], bool], path: str, state: GatewayState) -> Plan:
