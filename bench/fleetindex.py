@@ -25,7 +25,7 @@ from proxy.config import RoutingConfig
 from proxy.prefix_index import PrefixIndex
 from proxy.routing import Target
 from proxy.serve import CHAT, PROMPT_FIELDS
-from proxy.view import peek, prompt_of
+from proxy.view import peek, prompt_head, prompt_of
 
 TARGETS = tuple(Target(f"sim-{c}", None, 1.0) for c in "abc")
 IDLE = {t.backend: Load(in_flight=0, limit=None, up=True) for t in TARGETS}
@@ -35,8 +35,7 @@ CHAT_PROMPT = PROMPT_FIELDS[CHAT]
 
 def prompt_key(body: bytes) -> bytes:
     """A chat body's `affinity` key, as the gateway makes it (its prompt found by a decode)."""
-    prompt = prompt_of(body, CHAT_PROMPT)
-    return affinity_key(None, memoryview(prompt) if prompt is not None else b"", 2048)
+    return affinity_key(None, prompt_head(prompt_of(body, CHAT_PROMPT), 2048), 2048)
 
 
 def _us(fn: Callable[[], object]) -> float:
@@ -48,10 +47,10 @@ def _costs(body: bytes, routing: RoutingConfig) -> dict[str, float]:
     rng = random.Random(1)
     index = PrefixIndex(routing.prefix_index_size)
     prompt = peek(body, CHAT_PROMPT).prompt  # found in the pass `peek` makes for `model`
-    assert prompt is not None
+    assert prompt
 
     def key_of() -> bytes:
-        return affinity_key(None, memoryview(prompt), routing.prefix_bytes)
+        return affinity_key(None, prompt_head(prompt, routing.prefix_bytes), routing.prefix_bytes)
 
     def known() -> object:
         placed = index.affinity("sim-model", key_of(), TARGETS, IDLE, routing.key_load_factor)

@@ -127,20 +127,21 @@ class Floor:
         chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
         sink = Sink(upstream, transport, chunked)
         rest = upstream.divert(sink)  # what arrived since the head
-        until = asyncio.get_running_loop().time() + BOUND_S
-        bound = asyncio.get_running_loop().call_at(until, upstream.wake)  # one for the stream
+        loop = asyncio.get_running_loop()
+        until = loop.time() + BOUND_S
+        bound = loop.call_at(until, upstream.wake)  # one for the stream
         try:
             if rest:
                 sink(rest)
             while not upstream.done and not sink.gone:
+                if loop.time() >= until:  # also when it rang during `drained`
+                    transport.abort()
+                    return response
                 await upstream.wait()
                 if sink.paused:
                     await drained(transport)
                     sink.paused = False
                     upstream.resume_reading()
-                elif not upstream.done and asyncio.get_running_loop().time() >= until:
-                    transport.abort()
-                    return response
         except BackendUnreachable:
             transport.abort()  # broken mid-stream: the client sees its body cut short
             return response

@@ -36,9 +36,9 @@ class Call:
         self.body = body  # as received (a route may put its own translation in its place)
         self.deadline = deadline  # event-loop time
         self.stream = False  # the client asked for a stream (set once the body is read)
-        # The body's prompt, where the route's own pass over the body found it (None: it
-        # has none); UNSET: not looked for, `affinity_of` finds it
-        self.prompt: msgspec.Raw | msgspec.UnsetType | None = msgspec.UNSET
+        # The values of the body's prompt fields, where the route's own pass over the body
+        # found them (empty: it has none); UNSET: not looked for, `affinity_of` finds them
+        self.prompt: tuple[msgspec.Raw, ...] | msgspec.UnsetType = msgspec.UNSET
 
 
 async def begin(request: web.Request) -> Call:

@@ -27,7 +27,7 @@ from proxy.state import STATE, GatewayState
 from proxy.stream_usage import Edit, apply, options_span, request_edit
 from proxy.translated import Adapter, exchange_translated
 from proxy.upstream import Backend
-from proxy.view import decode_object, prompt_of, set_model
+from proxy.view import decode_object, prompt_head, prompt_of, set_model
 
 NEVER: Literal["never"] = "never"  # no backend serves the route natively: always translate
 SESSION_HEADER = "X-Session-ID"  # requests that share it go to the same replica (`affinity`)
@@ -154,7 +154,8 @@ def _only(route: Plan, able: Callable[[str], bool], path: str, state: GatewaySta
             f"backend '{backend.name}' (kind {backend.config.kind}) does not serve "
             f"{path}; list it in the backend's 'serves' if it does"
         )
-    return msgspec.structs.replace(route, steps=steps)
+    keyed = any(step.policy == "affinity" for step in steps)
+    return msgspec.structs.replace(route, steps=steps, keyed=keyed)
 
 
 def affinity_of(call: Call, route: Plan, path: str = "") -> bytes:
@@ -170,7 +171,7 @@ def affinity_of(call: Call, route: Plan, path: str = "") -> bytes:
     prompt = call.prompt
     if prompt is msgspec.UNSET:  # the route's handler did not look for it
         prompt = prompt_of(call.body, PROMPT_FIELDS.get(path))
-    return affinity_key(None, memoryview(prompt) if prompt is not None else b"", prefix_bytes)
+    return affinity_key(None, prompt_head(prompt, prefix_bytes), prefix_bytes)
 
 
 # The OpenAI routes every surface maps onto, and the helper routes beside them.
@@ -181,6 +182,8 @@ CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES = (
     "/v1/responses",
 )
 OPENAI_POST_ROUTES = (CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES)
+# The route an MLflow or OICM body's kind (`peek_invocation`) is served on.
+ROUTE_OF_KIND = {"chat": CHAT, "completions": COMPLETIONS, "embeddings": EMBEDDINGS}
 MESSAGES = "/v1/messages"  # Anthropic's
 # Where each route's body holds the prompt that keys `affinity`, its own system prompt first.
 PROMPT_FIELDS = {

@@ -40,7 +40,7 @@ class RequestView(msgspec.Struct, frozen=True):
     chat_template: bool = False  # the body carries a `chat_template` to render
     model_at: tuple[int, int] | None = None  # the model value's byte span, for a rewrite
     options_at: tuple[int, int] | None = None  # a stream's `stream_options` value's span
-    prompt: msgspec.Raw | None = None  # the value of the first of `peek`'s prompt fields
+    prompt: tuple[msgspec.Raw, ...] = ()  # the values of `peek`'s prompt fields it has
 
 
 class _InvocationFields(msgspec.Struct, frozen=True):
@@ -62,7 +62,7 @@ class Invocation(msgspec.Struct, frozen=True):
     stream: bool
     chat_template: bool = False
     options_at: tuple[int, int] | None = None  # a stream's `stream_options` value's span
-    prompt: msgspec.Raw | None = None  # its kind's prompt (`messages`, `prompt`, `input`)
+    prompt: tuple[msgspec.Raw, ...] = ()  # its kind's prompt (`messages`, `prompt`, `input`)
 
 
 _T = TypeVar("_T")
@@ -73,7 +73,7 @@ _ANY = msgspec.json.Decoder()
 
 def peek(body: bytes, prompt_fields: tuple[str, ...] = ()) -> RequestView:
     """Decode `model` and `stream`, or raise `InvalidRequest` saying what is wrong; the
-    view's `prompt` is the value of the first of `prompt_fields` the body has.
+    view's `prompt` holds the values of those of `prompt_fields` the body has, in order.
 
     One C-speed pass over the body (a second one only where a duplicate `model` could hide);
     `model` named twice at the top level is refused, whether or not a rewrite follows.
@@ -93,17 +93,16 @@ def peek(body: bytes, prompt_fields: tuple[str, ...] = ()) -> RequestView:
         chat_template=view.chat_template is not msgspec.UNSET,
         model_at=(start, start + len(view.model)),
         options_at=_options_at(body, view.stream_options) if stream else None,
-        prompt=_first(view, prompt_fields),
+        prompt=_present(view, prompt_fields),
     )
 
 
-def _first(fields: msgspec.Struct, names: tuple[str, ...]) -> msgspec.Raw | None:
-    """The value of the first of the decoded `fields` named in `names` the body had."""
-    for name in names:
-        value = getattr(fields, name)
-        if value is not msgspec.UNSET:
-            return value  # type: ignore[no-any-return]
-    return None
+def _present(fields: msgspec.Struct, names: tuple[str, ...]) -> tuple[msgspec.Raw, ...]:
+    """The values of the decoded `fields` named in `names` that the body had, in order."""
+    if len(names) == 1:  # the usual case: one field, no generator
+        value = getattr(fields, names[0])
+        return () if value is msgspec.UNSET else (value,)
+    return tuple(v for v in (getattr(fields, name) for name in names) if v is not msgspec.UNSET)
 
 
 def _model_at(body: bytes, value: msgspec.Raw) -> int:
@@ -151,11 +150,11 @@ def peek_invocation(body: bytes) -> Invocation:
     template = fields.chat_template is not msgspec.UNSET
     options = _options_at(body, fields.stream_options) if stream else None
     if fields.messages is not msgspec.UNSET:
-        return Invocation("chat", stream, template, options, fields.messages)
+        return Invocation("chat", stream, template, options, (fields.messages,))
     if fields.prompt is not msgspec.UNSET:
-        return Invocation("completions", stream, options_at=options, prompt=fields.prompt)
+        return Invocation("completions", stream, options_at=options, prompt=(fields.prompt,))
     if fields.input is not msgspec.UNSET:
-        return Invocation("embeddings", stream, prompt=fields.input)
+        return Invocation("embeddings", stream, prompt=(fields.input,))
     if fields.inputs is not msgspec.UNSET:
         return Invocation("tgi", stream)
     raise InvalidRequest(
@@ -273,16 +272,29 @@ _PROMPT = msgspec.json.Decoder(_Prompt)
 _PROMPT_FIELDS = tuple(_Prompt.__struct_fields__)
 
 
-def prompt_of(body: bytes, fields: tuple[str, ...] | None = None) -> msgspec.Raw | None:
-    """The value of the body's prompt, for a route whose handler did not find it: the first
-    of `fields` (None: of each protocol's, in `_Prompt`'s order) the body has at its top level
-    (None when it has none or is not JSON). One msgspec pass, skipping every other value;
-    `peek` and `peek_invocation` find the same value in their own pass."""
+def prompt_of(body: bytes, fields: tuple[str, ...] | None = None) -> tuple[msgspec.Raw, ...]:
+    """The values of the body's prompt fields, for a route whose handler did not find them:
+    those of `fields` (None: of each protocol's, in `_Prompt`'s order) the body has at its top
+    level, in order (none when the body is not JSON). One msgspec pass, skipping every other
+    value; `peek` and `peek_invocation` find the same values in their own pass."""
     try:
         decoded = _PROMPT.decode(body)
     except (msgspec.DecodeError, RecursionError):
-        return None
-    return _first(decoded, _PROMPT_FIELDS if fields is None else fields)
+        return ()
+    return _present(decoded, _PROMPT_FIELDS if fields is None else fields)
+
+
+def prompt_head(prompt: tuple[msgspec.Raw, ...], size: int) -> bytes:
+    """The first `size` bytes of the prompt's values one after another (a system prompt of
+    its own, then the messages, as a template renders them); each is sliced, not copied whole."""
+    if len(prompt) == 1:
+        return memoryview(prompt[0])[:size].tobytes()
+    head = b""
+    for value in prompt:
+        head += memoryview(value)[: size - len(head)]
+        if len(head) >= size:
+            break
+    return head
 
 
 class _ModelValue(msgspec.Struct, frozen=True):

@@ -10,12 +10,11 @@ from aiohttp import web
 from proxy.catalog import model_cards
 from proxy.chain import begin, json_response
 from proxy.errors import InvalidRequest, NotFound
-from proxy.serve import CHAT, COMPLETIONS, EMBEDDINGS, serve_openai
+from proxy.serve import ROUTE_OF_KIND, serve_openai
 from proxy.state import STATE
 from proxy.view import peek_invocation
 
 PAGE_SIZE = 1000
-_ROUTE_OF_KIND = {"chat": CHAT, "completions": COMPLETIONS, "embeddings": EMBEDDINGS}
 
 
 def endpoint_card(name: str, endpoint_type: str, upstream: str, provider: str) -> dict[str, object]:
@@ -87,7 +86,7 @@ async def invocations(request: web.Request) -> web.StreamResponse:
     kind = peek_invocation(call.body)
     call.stream = kind.stream
     call.prompt = kind.prompt
-    path = _ROUTE_OF_KIND.get(kind.kind)
+    path = ROUTE_OF_KIND.get(kind.kind)
     if path is None:
         raise InvalidRequest(
             "cannot tell the request's kind: send 'messages' (chat), 'prompt' (completions) "

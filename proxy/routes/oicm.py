@@ -12,7 +12,7 @@ from proxy.forward import exchange, try_plan
 from proxy.paths import subpath
 from proxy.ratelimit import limited
 from proxy.routing import Target
-from proxy.serve import CHAT, OPENAI_POST_ROUTES, affinity_of, serve_openai
+from proxy.serve import CHAT, OPENAI_POST_ROUTES, ROUTE_OF_KIND, affinity_of, serve_openai
 from proxy.translate import oicm
 from proxy.upstream import Backend
 from proxy.view import decode_object, peek_invocation
@@ -33,7 +33,7 @@ async def endpoint_proxy(request: web.Request) -> web.StreamResponse:
         if kind.kind == "tgi" and path == CHAT:  # its prompt is found in the chat body if needed
             chat = oicm.tgi_to_chat_request(decode_object(call.body), upstream_model=endpoint)
             call.body = orjson.dumps(chat)
-        else:
+        elif ROUTE_OF_KIND.get(kind.kind) == path:  # else the path's own field keys it
             call.prompt = kind.prompt
         return await serve_openai(
             call, path, endpoint, chat_template=kind.chat_template, force_model=True

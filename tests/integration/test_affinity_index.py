@@ -159,3 +159,34 @@ async def test_a_fallback_model_places_the_key_for_its_own_targets(
     assert 1 == len(served) and served <= {"gpu-c", "gpu-d"}, served
     assert 2 == len(gw.state.prefix_index)  # one entry for each model's targets
     assert 1 == gw.state.prefix_index.counts.get(served.pop())
+
+
+async def test_a_prompt_keys_alike_on_every_surface_whatever_follows_it(
+    gateway_factory, upstream_factory
+) -> None:
+    """The key is the prompt's value: the OpenAI route, MLflow's invocations and OICM's
+    proxy give one key per conversation, whatever fields follow it (`max_tokens`, `n`), so
+    each conversation has one index entry and one replica. Anthropic's own `system` comes
+    before its messages: two conversations under one short system prompt are two keys."""
+    fakes = [await upstream_factory() for _ in range(3)]
+    gw = await gateway_factory(with_backends(readme_routing_example(), [f.url for f in fakes]))
+    await wait_for(lambda: all(h.probed_up for h in gw.state.fleet.values()))
+    for i in range(8):
+        messages = [{"role": "user", "content": f"conversation {i}"}]
+        sends = [
+            (CHAT, {"model": "qwen", "messages": messages, "max_tokens": 4}),
+            (CHAT, {"messages": messages, "model": "qwen", "n": 1}),
+            ("/endpoints/qwen/invocations", {"messages": messages, "temperature": 0.5}),
+            ("/models/qwen/proxy/v1/chat/completions", {"messages": messages, "seed": i}),
+        ]
+        backends = set()
+        for path, payload in sends:
+            assert 200 == (await call(gw.url + path, orjson.dumps(payload)))[0], path
+            backends.add(served_by(gw))
+        assert 1 == len(backends), (i, backends)
+    assert 8 == len(gw.state.prefix_index)
+    for text in ("first question", "second question"):
+        anthropic = {"model": "qwen", "system": "Be brief.", "max_tokens": 8,
+                     "messages": [{"role": "user", "content": text}]}  # fmt: skip
+        await call(gw.url + "/anthropic/v1/messages", orjson.dumps(anthropic))  # the fake: 404
+    assert 10 == len(gw.state.prefix_index)  # placed before the fake answered

@@ -17,6 +17,7 @@ from proxy.view import (
     model_span,
     peek,
     peek_invocation,
+    prompt_head,
     prompt_of,
     raw_span,
     replace_model,
@@ -256,8 +257,8 @@ CHAT_FIELDS = ("messages",)
 ALL_FIELDS = ("system", "messages", "prompt", "input")  # peek's (Gemini's `contents` is not)
 
 
-def _bytes(raw: msgspec.Raw | None) -> bytes | None:
-    return None if raw is None else bytes(raw)
+def _bytes(prompt: tuple[msgspec.Raw, ...]) -> bytes | None:
+    return b"".join(bytes(raw) for raw in prompt) if prompt else None
 
 
 @pytest.mark.parametrize(
@@ -323,17 +324,29 @@ def test_the_prompt_of_an_invocation_is_its_kind_s() -> None:
     assert b'[{"role": "user", "content": "q"}]' == _bytes(peek_invocation(chat).prompt)
     assert b'"once"' == _bytes(peek_invocation(b'{"prompt": "once", "n": 2}').prompt)
     assert b'["a"]' == _bytes(peek_invocation(b'{"input": ["a"]}').prompt)
-    assert peek_invocation(b'{"inputs": "tgi"}').prompt is None
+    assert () == peek_invocation(b'{"inputs": "tgi"}').prompt
 
 
-def test_the_prompt_prefers_a_system_prompt_of_its_own() -> None:
-    """Anthropic's `system` keys the request before its messages, wherever it is."""
+def test_a_system_prompt_of_its_own_comes_first_then_the_messages() -> None:
+    """Anthropic's `system` and then its `messages`, wherever each is in the body: the order
+    a chat template renders them, so a short system prompt does not key every conversation
+    alike."""
     body = (
         b'{"messages": [{"role": "user", "content": "q1"}], "system": "You are X.", "model": "m"}'
     )
-    assert b'"You are X."' == _bytes(prompt_of(body, ("system", "messages")))
-    assert b'"You are X."' == _bytes(prompt_of(body))
-    assert b'"You are X."' == _bytes(peek(body, ("system", "messages")).prompt)
+    both = b'"You are X."[{"role": "user", "content": "q1"}]'
+    assert both == _bytes(prompt_of(body, ("system", "messages")))
+    assert both == _bytes(prompt_of(body))
+    assert both == _bytes(peek(body, ("system", "messages")).prompt)
+    assert b'"You are X."[{"role"' == prompt_head(peek(body, ("system", "messages")).prompt, 20)
+
+
+def test_prompt_head_slices_each_value_to_the_size() -> None:
+    body = b'{"system": "' + b"s" * 5000 + b'", "messages": [1], "model": "m"}'
+    prompt = peek(body, ("system", "messages")).prompt
+    assert b'"' + b"s" * 99 == prompt_head(prompt, 100)
+    assert b"[1]" == prompt_head(peek(b'{"messages": [1], "model": "m"}', CHAT_FIELDS).prompt, 100)
+    assert b"" == prompt_head((), 100)
 
 
 def test_gemini_contents_are_found_by_the_decode() -> None:
