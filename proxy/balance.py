@@ -253,7 +253,7 @@ def _score(keyed: hashlib.blake2b, target: Target) -> float:
     return -target.weight / math.log(unit)
 
 
-def affinity_key(session: str | None, prompt: bytes | memoryview, prefix_bytes: int) -> bytes:
+def affinity_key(session: str | None, prompt: bytes, prefix_bytes: int) -> bytes:
     """What keys a request for `affinity`: its session id, else its prompt's first bytes."""
     if session:
         return b"session:" + session.encode("utf-8", "replace")[:256]
