@@ -111,31 +111,41 @@ class _Targets:
     def serves(self, name: str) -> bool:
         return self.native(self.call.state.backends[name])
 
-    async def run(self, backend: Backend, target: Target, may_retry: bool) -> web.StreamResponse:
-        call, model = self.call, self.model
-        if self.native(backend):
-            body, usage, ex = call.body, self.usage, call.ex
-            upstream_model = target.upstream_model or (model if self.force_model else None)
-            ex.strip_usage = usage is not None and backend.config.stream_usage
-            if ex.strip_usage:
-                assert usage is not None
-                payload = apply(body, usage, upstream_model, self.model_at)
-            elif upstream_model is not None:
-                payload = set_model(body, upstream_model, self.model_at)
-            else:
-                payload = body
-            return await exchange(call, backend, self.native_path, payload, may_retry)
+    def run(
+        self, backend: Backend, target: Target, may_retry: bool
+    ) -> Coroutine[None, None, web.StreamResponse]:
+        """The try on `backend`, to be awaited at once: `exchange`'s own coroutine where the
+        body goes as is (one frame fewer held for the life of each stream), else one that
+        translates it first."""
+        call = self.call
+        if not self.native(backend):
+            return self._translated(backend, target, may_retry)
+        body, usage, ex = call.body, self.usage, call.ex
+        upstream_model = target.upstream_model or (self.model if self.force_model else None)
+        ex.strip_usage = usage is not None and backend.config.stream_usage
+        if ex.strip_usage:
+            assert usage is not None
+            payload = apply(body, usage, upstream_model, self.model_at)
+        elif upstream_model is not None:
+            payload = set_model(body, upstream_model, self.model_at)
+        else:
+            payload = body
+        return exchange(call, backend, self.native_path, payload, may_retry)
+
+    async def _translated(
+        self, backend: Backend, target: Target, may_retry: bool
+    ) -> web.StreamResponse:
         assert self.adapter is not None  # `_only` left no target without the route
         translation = self.translation
         if translation is None:
             translation = self.translation = self.adapter()
-        upstream_model = target.upstream_model or model
+        upstream_model = target.upstream_model or self.model
         if translation.heavy:  # in a worker thread: the loop keeps serving everyone else
             request_body = await asyncio.to_thread(translation.chat_request, upstream_model)
         else:
             request_body = translation.chat_request(upstream_model)
         chat = orjson.dumps(request_body)
-        return await exchange_translated(call, backend, translation, chat, may_retry)
+        return await exchange_translated(self.call, backend, translation, chat, may_retry)
 
 
 def _only(route: Plan, able: Callable[[str], bool], path: str, state: GatewayState) -> Plan:
