@@ -14,6 +14,7 @@ from proxy.headers import downstream_headers, is_event_stream
 from proxy.stream_usage import USAGE_KEY, WHOLE_EVENTS, UsageFilter
 from proxy.upstream import Response
 from proxy.usage import (
+    CR,
     TAIL_BYTES,
     ends_event,
     ends_stream,
@@ -64,7 +65,9 @@ class _Sink:
     Called from the upstream protocol's callback, so a streamed token costs no task switch:
     one read from the backend, one write to the client. It keeps the tallies (bytes, SSE
     events, the tail where `usage` is found) and asks the relay task for help only when the
-    client falls behind or goes away.
+    client falls behind or goes away. With a `filter` (a stream whose usage the gateway asked
+    for), the usage-only event is taken out on the way (`UsageFilter`); every other byte goes
+    out as it arrives.
     """
 
     __slots__ = (
@@ -72,6 +75,7 @@ class _Sink:
         "chunked",
         "clock",
         "events",
+        "filter",
         "first",
         "first_at",
         "first_loop_at",
@@ -87,17 +91,25 @@ class _Sink:
     )
 
     def __init__(
-        self, upstream: Response, transport: asyncio.Transport, chunked: bool, sse: bool
+        self,
+        upstream: Response,
+        transport: asyncio.Transport,
+        chunked: bool,
+        sse: bool,
+        usage: UsageFilter | None = None,
     ) -> None:
         self.upstream = upstream
         self.transport = transport
         self.chunked = chunked
         self.sse = sse
+        self.filter = usage
         self.clock = asyncio.get_running_loop().time
         self.last_at = self.clock()
         self.first_at: float | None = None
         self.first_loop_at = 0.0
         self.events = self.nbytes = 0
+        # `tail`: the last two bytes relayed, kept only while the last piece was shorter
+        # than that (else they are `last`'s own)
         self.tail = self.before_last = self.last = self.first = b""
         self.gone = self.paused = False
 
@@ -109,12 +121,32 @@ class _Sink:
             self.first = data  # where a stream's opening event carries its prompt's count
         self.nbytes += len(data)
         if self.sse:
-            counted, self.tail = events_after(self.tail, data)
-            self.events += counted
+            if CR in data or data[:1] == b"\n" or len(data) < 2:  # a terminator may straddle
+                last = self.last
+                counted, self.tail = events_after(last[-2:] if len(last) > 1 else self.tail, data)
+                self.events += counted
+            else:  # the usual case: LF framing, and this piece cannot end a cut terminator
+                first_lf = data.find(10)  # a memchr: one event of one line is the usual read
+                if first_lf == len(data) - 2:
+                    self.events += data[-1] == 10
+                elif first_lf >= 0:
+                    self.events += data.count(b"\n\n")
         self.before_last, self.last = self.last, data
         self.last_at = self.clock()
 
     def __call__(self, data: bytes) -> None:
+        usage = self.filter
+        # The filter's own first test, made here to spare a call for nearly every read.
+        if usage is not None and (
+            usage.held
+            or usage.passing
+            or data.find(USAGE_KEY) >= 0  # (`in` with a bytes operand costs more)
+            or not data.endswith(WHOLE_EVENTS)
+        ):
+            data = usage.feed(data)
+            if not data:  # held back (the start of what may be the usage event)
+                self.last_at = self.clock()  # the backend is alive all the same
+                return
         transport = self.transport
         if transport.is_closing():
             self.gone = True
@@ -133,29 +165,6 @@ class _Sink:
         if data and not self.transport.is_closing():
             self.account(data)
             self.transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
-
-
-class _FilteringSink(_Sink):
-    """A sink for a stream whose usage the gateway asked for: the usage-only event is taken
-    out on the way (`UsageFilter`); every other byte goes out as it arrives."""
-
-    __slots__ = ("filter",)
-
-    def __init__(
-        self, upstream: Response, transport: asyncio.Transport, chunked: bool, sse: bool
-    ) -> None:
-        super().__init__(upstream, transport, chunked, sse)
-        self.filter = UsageFilter()
-
-    def __call__(self, data: bytes) -> None:
-        usage = self.filter
-        # The filter's own first test, made here to spare a call for nearly every read.
-        if usage.held or usage.passing or USAGE_KEY in data or not data.endswith(WHOLE_EVENTS):
-            data = usage.feed(data)
-            if not data:  # held back (the start of what may be the usage event)
-                self.last_at = self.clock()  # the backend is alive all the same
-                return
-        _Sink.__call__(self, data)
 
 
 async def pump(
@@ -179,13 +188,13 @@ async def pump(
         return False
     # aiohttp frames the body in chunks exactly when it announced so in the head it sent.
     chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
-    filtering = ex.sse and ex.strip_usage
-    sink = (_FilteringSink if filtering else _Sink)(upstream, transport, chunked, ex.sse)
+    usage = UsageFilter() if ex.sse and ex.strip_usage else None
+    sink = _Sink(upstream, transport, chunked, ex.sse, usage)
     early = upstream.divert(sink)
     try:
         if early:  # arrived before the head went out: aiohttp sends both together
-            if isinstance(sink, _FilteringSink):
-                early = sink.filter.feed(early)
+            if usage is not None:
+                early = usage.feed(early)
             if early:
                 sink.account(early)
             await response.write(early)  # b"": the head alone
@@ -206,8 +215,8 @@ async def pump(
                 raise TimeoutError
     finally:
         upstream.undivert()
-        if isinstance(sink, _FilteringSink):
-            held = sink.filter.end()  # an unfinished event the body's end (or a cut) left
+        if usage is not None:
+            held = usage.end()  # an unfinished event the body's end (or a cut) left
             if not sink.gone:
                 sink.write_rest(held)
         if sink.first_at is not None and ex.first_byte_at is None:
@@ -217,7 +226,7 @@ async def pump(
         if sink.events > 1:
             ex.event_gap = (sink.last_at - sink.first_loop_at) / (sink.events - 1)
         tail = sink.before_last[-TAIL_BYTES:] + sink.last[-TAIL_BYTES:]
-        taken = sink.filter.usage if isinstance(sink, _FilteringSink) else b""
+        taken = usage.usage if usage is not None else b""
         ex.usage = stream_usage(sink.first, taken or tail) if ex.sse else usage_in(tail)
         ex.stream_complete = ex.sse and ends_stream(tail)
         ex.open_event = ex.sse and bool(tail) and not ends_event(tail)

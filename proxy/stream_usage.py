@@ -18,6 +18,7 @@ from typing import NamedTuple
 import msgspec
 
 from proxy.config import Config
+from proxy.usage import CR
 from proxy.view import model_span, raw_span, set_model
 
 ASK = b'"stream_options":{"include_usage":true},'  # added first in a body without the field
@@ -157,7 +158,7 @@ HOLD_BYTES = 8192
 def _event_end(buf: bytes, pos: int) -> int:
     """Where the event starting at `pos` ends (just past its blank line), or -1."""
     lf = buf.find(b"\n\n", pos)
-    if b"\r" not in buf:
+    if CR not in buf:
         return lf + 2 if lf >= 0 else -1
     crlf = buf.find(b"\n\r\n", pos)
     if crlf >= 0 and (lf < 0 or crlf < lf):
@@ -208,7 +209,7 @@ class UsageFilter:
             return self._pass(data)
         if self.held:
             data, self.held = self.held + data, b""
-        elif USAGE_KEY not in data and data.endswith(WHOLE_EVENTS):
+        elif data.find(USAGE_KEY) < 0 and data.endswith(WHOLE_EVENTS):
             return data
         return self._scan(data)
 

@@ -14,6 +14,9 @@ _COMPLETION = re.compile(rb'"(?:completion|output)_tokens"\s*:\s*([0-9]{1,18})(?
 _USAGE = b'"usage"'
 # How much of a body's end is kept to find the usage object in (it comes last).
 TAIL_BYTES = 8192
+# b"\r" as the int `in` looks for with one memchr: `b"\r" in data` first tries to read its
+# operand as an int and raises inside (about 0.12 µs), which per relayed read adds up
+CR = ord("\r")
 
 
 class Usage(msgspec.Struct, frozen=True):
@@ -44,14 +47,14 @@ def carry_tail(tail: bytes, chunk: bytes) -> bytes:
 def events_after(tail: bytes, chunk: bytes) -> tuple[int, bytes]:
     """`count_events(chunk, tail)` and `carry_tail(tail, chunk)` in one call, with the usual
     case (LF framing, no terminator cut between two reads) made without either."""
-    if b"\r" in chunk or (tail and chunk[:1] in (b"\n", b"\r")) or len(chunk) < 2:
+    if CR in chunk or (tail and chunk[:1] in (b"\n", b"\r")) or len(chunk) < 2:
         return count_events(chunk, tail), carry_tail(tail, chunk)
     return chunk.count(b"\n\n"), chunk[-2:]
 
 
 def _terminators(data: bytes) -> int:
     n = data.count(b"\n\n")
-    if b"\r" in data:  # CRLF framing is rare: a memchr pass first spares the second count
+    if CR in data:  # CRLF framing is rare: a memchr pass first spares the second count
         n += data.count(b"\n\r\n")
     return n
 

@@ -109,7 +109,7 @@ def _model_at(body: bytes, value: msgspec.Raw) -> int:
     """Where the top-level `model` value decoded from `body` starts in it. Where `"model"`
     is in the body once and no key can be spelt with escapes, that one is the key, and the
     value follows its colon: found by search, without reading the Raw's address."""
-    if body.count(b'"model"') == 1 and b"\\u006" not in body:
+    if body.count(b'"model"') == 1 and body.find(b"\\u006") < 0:
         at = body.find(b'"model"')
         colon = body.find(b":", at + 7) if at >= 0 else -1
         if colon >= 0:
@@ -332,7 +332,7 @@ def _refuse_a_second_model(body: bytes, value_at: int) -> None:
     decoded again (cut off as an object of their own) to find any other, escaped spellings
     included. Only a body where a second one can hide (`"model"` twice, or an escaped
     letter, which a key spelling it with escapes needs) pays for that second pass."""
-    if body.count(b'"model"') < 2 and b"\\u006" not in body:
+    if body.count(b'"model"') < 2 and body.find(b"\\u006") < 0:
         return
     colon = body.rindex(b":", 0, value_at)
     key_end = body.rindex(b'"', 0, colon)

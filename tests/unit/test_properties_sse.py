@@ -3,6 +3,7 @@ for any chunking of the same bytes, and any bytes give an answer or our own erro
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import orjson
@@ -186,3 +187,60 @@ def test_the_parser_raises_nothing_but_proxy_errors(chunks: list[bytes], limit: 
 def test_events_that_are_not_objects_are_backend_errors(stream: bytes) -> None:
     """An event whose data is JSON but not an object is the backend's error (502)."""
     assert "backend_unreachable" == parse([stream])
+
+
+class _Wire:
+    """Where the relay's sink writes: a transport that takes everything at once."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes) -> None:
+        self.sent.append(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def _relayed(chunks: list[bytes]) -> tuple[int, bytes]:
+    """The events the relay's sink counts and the bytes it writes, fed `chunks` as the
+    upstream protocol hands them over (no empty piece)."""
+    from proxy.relay import _Sink
+
+    async def relay() -> tuple[int, bytes]:
+        wire = _Wire()
+        sink = _Sink(None, wire, False, True)  # type: ignore[arg-type]  # never paused here
+        for chunk in chunks:
+            if chunk:
+                sink(chunk)
+        return sink.events, b"".join(wire.sent)
+
+    return asyncio.run(relay())
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b"data: a\n\n"],  # the usual read: one event of one line
+        [b"data: a\nd", b"ata: b\n\n"],  # one LF, second to last, no event yet
+        [b"data: a\n", b"\n"],  # the blank line cut
+        [b"data: a\n", b"\ndata: b\n\n"],  # cut, and the next event in the same read
+        [b"data: a\n\ndata: b\n", b"\n", b"x"],
+        [b"event: e\ndata: y\n\n", b"data: z\n\n"],  # two lines an event
+        [b"data: a\r\n", b"\r\n", b"data: b\r", b"\n\r\n"],
+        [b"\n", b"\n", b"\n\n"],
+    ],
+)
+def test_the_relays_sink_counts_these_splits(chunks: list[bytes]) -> None:
+    assert (count_events(b"".join(chunks)), b"".join(chunks)) == _relayed(chunks)
+
+
+@FAST
+@given(splits())
+def test_the_relays_sink_counts_the_events_of_any_split(chunks: list[bytes]) -> None:
+    """The sink in the upstream protocol's callback (its one-event-per-read shortcut and the
+    straddling cases) counts what counting the whole body counts, and writes every byte."""
+    assert (count_events(b"".join(chunks)), b"".join(chunks)) == _relayed(chunks)
