@@ -947,7 +947,19 @@ async def test_no_models_mode_reloads_into_models_and_back(
     await gw.heard("READY", "1")
     async with aiohttp.ClientSession() as session:
         await until_ready(session, port)
-        long = asyncio.create_task(post(session, port, "b", 40))
+        under_way = asyncio.Event()
+
+        async def long_stream() -> tuple[int, bytes]:
+            async with session.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                data=chat("b", 40),
+                headers={"Content-Type": "application/json"},
+            ) as response:
+                under_way.set()  # its head came: the first file's state serves it
+                return response.status, await response.read()
+
+        long = asyncio.create_task(long_stream())
+        await asyncio.wait_for(under_way.wait(), 10)  # not reloaded before it even arrived
         assert 200 == (await post(session, port, "b"))[0]
         await gw.reload(one_model(port, sim))
         assert (200, 404) == (
