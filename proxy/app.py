@@ -19,6 +19,7 @@ from proxy.health import health_checks
 from proxy.listener import GuardedServer, close, listen
 from proxy.metrics import Metrics
 from proxy.middleware import gateway_middleware, malformed
+from proxy.prefix_index import AgreedIndex, PrefixIndex
 from proxy.ratelimit import LIMITER, add_limit_headers, limiter_for
 from proxy.routes import add_routes
 from proxy.routes.admin import admin_digest, managed_keys
@@ -87,11 +88,10 @@ def create_app(
     for name, backend in config.backends.items():
         if backend.api_key_env and not env.get(backend.api_key_env):
             logger.warning("backend %s: $%s is not set; sending no key", name, backend.api_key_env)
-    if _split_index(config, env):
+    if _split_index(config, live.state.prefix_index, env):
         logger.warning(
-            "routing: %s workers each keep their own affinity index and place keys apart; "
-            "set routing.prefix_index_size: 0 or routing.key_load_factor: 1.5 "
-            "(README: Routing a fleet)",
+            "routing: %s workers each keep their own sticky affinity index and place keys "
+            "apart; set routing.key_placement: agreed (README: Routing a fleet)",
             env.get(WORKERS_ENV),
         )
     if keys or config.auth.store is not None:
@@ -101,10 +101,11 @@ def create_app(
     return app
 
 
-def _split_index(config: Config, env: Mapping[str, str]) -> bool:
-    """Whether this is one of several workers that would each keep an `affinity` index."""
+def _split_index(config: Config, index: PrefixIndex | AgreedIndex, env: Mapping[str, str]) -> bool:
+    """Whether this is one of several workers that each keep a sticky `affinity` index."""
     uses = any(m.policy == "affinity" for m in config.models.values())
-    return uses and config.routing.prefix_index_size > 0 and _workers(env) > 1
+    sticky = isinstance(index, PrefixIndex) and index.size > 0
+    return uses and sticky and _workers(env) > 1
 
 
 def _workers(env: Mapping[str, str]) -> int:

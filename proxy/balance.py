@@ -238,6 +238,15 @@ def rendezvous(targets: Sequence[Target], keyed: hashlib.blake2b) -> list[Target
     return sorted(targets, key=lambda t: _score(keyed, t), reverse=True)
 
 
+def rendezvous_scores(
+    targets: Sequence[Target], keyed: hashlib.blake2b
+) -> tuple[tuple[Target, ...], tuple[float, ...]]:
+    """The targets in the key's rendezvous order (as `rendezvous` gives them), each with its
+    score, highest first (what proxy/key_matching.py ranks keys and replicas by)."""
+    scored = sorted(((_score(keyed, t), t) for t in targets), key=lambda p: p[0], reverse=True)
+    return tuple(t for _, t in scored), tuple(s for s, _ in scored)
+
+
 def _digest(keyed: hashlib.blake2b, target: Target) -> bytes:
     """The target's hash for the key `keyed` has hashed: blake2b over the key, a zero byte and
     the backend's name (compared as bytes, in the order of the numbers they spell)."""

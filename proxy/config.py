@@ -96,6 +96,9 @@ class OutlierConfig(_Section, frozen=True):
     max_ejection_s: float = 300.0
 
 
+KeyPlacement = Literal["auto", "sticky", "agreed"]
+
+
 class RoutingConfig(_Section, frozen=True):
     """How the `affinity` policy keys requests and bounds each replica's share."""
 
@@ -103,6 +106,9 @@ class RoutingConfig(_Section, frozen=True):
     load_factor: float = 1.25  # a replica takes a key while its load is within this x average
     prefix_index_size: int = 10_000  # keys whose replica is remembered (LRU); 0: no index
     key_load_factor: float = 1.0  # a new key's replica holds at most this x its share of keys
+    # sticky: where this gateway first placed a key; agreed: one matching of all the keys held,
+    # alike in every gateway; auto: agreed when server.workers is not 1
+    key_placement: KeyPlacement = "auto"
 
 
 StreamUsage = Literal["auto", "always", "never"]

@@ -98,7 +98,8 @@ def arrange(
     placed = None
     if key and step.policy == "affinity":  # where the index has the key, for this model
         index = state.prefix_index
-        placed = index.affinity(step.model, key, step.candidates, loads, routing.key_load_factor)
+        factor = routing.key_load_factor
+        placed = index.affinity(step.model, key, step.candidates, loads, factor, now)
     return order(step.policy, step.candidates, loads, state.rng, placed, routing.load_factor)
 
 

@@ -20,7 +20,7 @@ from proxy.fleet import BackendHealth
 from proxy.keys import ManagedKeys
 from proxy.listener import GuardedServer
 from proxy.metrics import Metrics
-from proxy.prefix_index import PrefixIndex
+from proxy.prefix_index import AgreedIndex, PrefixIndex, index_for
 from proxy.routing import Plan, plan
 from proxy.signals import Signals
 from proxy.stream_usage import asks_stream_usage
@@ -61,7 +61,7 @@ class GatewayState:
         # Backends that answered 429 or 503 lately are tried last until this loop time.
         self.saturated: dict[str, float] = {}
         # Where `affinity` placed each key lately (bounded: routing.prefix_index_size).
-        self.prefix_index = PrefixIndex(config.routing.prefix_index_size)
+        self.prefix_index: PrefixIndex | AgreedIndex = index_for(config)
         # The backends' own load, from their /metrics, scraped beside the health checks.
         self.signals: dict[str, Signals] = {}
         # Managed keys (auth.store), in memory and kept fresh; None when no store is set.

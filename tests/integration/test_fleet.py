@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import time
+from collections import Counter
 
 import aiohttp
 import pytest
@@ -374,3 +376,35 @@ async def test_a_saturated_only_target_is_still_tried_at_once(gateway_factory, u
     assert 200 == (await call(gw.url + CHAT, BODY))[0]
     assert time.monotonic() - started < 1
     assert 0 == gw.state.admission.waiting
+
+
+async def test_two_gateways_with_agreed_placement_split_sessions_alike(
+    gateway_factory, upstream_factory
+) -> None:
+    """`routing.key_placement: agreed`: 24 sessions whose requests a coin sends to one of two
+    gateways end on the same replica in both, 8 on each (a hash alone spreads them unevenly),
+    and a request of a session's from either gateway reaches that replica."""
+    fakes = [await upstream_factory() for _ in range(3)]
+    routing = "routing: {key_placement: agreed}\n"
+    config = routing + fleet(*(f.url for f in fakes), policy="affinity")
+    gateways = [await gateway_factory(config) for _ in range(2)]
+    for gw in gateways:
+        await wait_for(lambda gw=gw: all(h.probed_up for h in gw.state.fleet.values()))
+    coin = random.Random(11)
+    sessions = [f"tenant-{i}" for i in range(24)]
+    for _ in range(5):
+        for session in sessions:
+            gw = gateways[coin.randrange(2)]
+            assert 200 == (await call(gw.url + CHAT, BODY, {"X-Session-ID": session}))[0]
+    for gw in gateways:  # each has seen every session twice at least by now
+        for session in sessions:
+            for _ in range(2):
+                await call(gw.url + CHAT, BODY, {"X-Session-ID": session})
+    landed: list[dict[str, str]] = [{}, {}]
+    for g, gw in enumerate(gateways):
+        for session in sessions:
+            assert 200 == (await call(gw.url + CHAT, BODY, {"X-Session-ID": session}))[0]
+            landed[g][session] = json.loads(gw.access_lines()[-1])["backend"]
+    assert landed[0] == landed[1]
+    assert [8, 8, 8] == sorted(Counter(landed[0].values()).values())
+    assert {"b0": 8, "b1": 8, "b2": 8} == gateways[0].state.prefix_index.counts

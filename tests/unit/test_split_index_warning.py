@@ -1,4 +1,5 @@
-"""Several workers with an `affinity` index: each keeps its own, so the gateway says so."""
+"""Several workers with a sticky `affinity` index: each keeps its own, so the gateway says so
+(`agreed` placement, which `auto` picks for `server.workers` above 1, needs no warning)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ models:
         ("", "2", True),
         ("", "1", False),
         ("routing: {prefix_index_size: 0}\n", "2", False),
+        ("routing: {key_placement: sticky}\n", "2", True),
+        ("routing: {key_placement: agreed}\n", "2", False),
+        ("server: {workers: 2}\n", "2", False),
     ],
 )
 def test_a_worker_of_several_warns_that_its_index_is_its_own(
@@ -37,8 +41,8 @@ def test_a_worker_of_several_warns_that_its_index_is_its_own(
     said = [r.getMessage() for r in caplog.records if "affinity index" in r.getMessage()]
     assert bool(said) is warned
     if warned:
-        assert said[0].startswith("routing: 2 workers each keep their own affinity index")
-        assert "routing.prefix_index_size: 0" in said[0]
+        assert said[0].startswith("routing: 2 workers each keep their own sticky affinity index")
+        assert "routing.key_placement: agreed" in said[0]
 
 
 def test_no_affinity_model_no_warning(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
