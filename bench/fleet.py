@@ -59,6 +59,13 @@ from bench.streamload import chat_body, raise_nofile_limit
 from bench.wrk import run_wrk
 
 POLICIES = ("weighted", "least_loaded", "affinity")
+# The prefix part's pressure run also runs `affinity` thus: (label, key_placement, gateways);
+# with two gateways a coin sends each request to one of them (issue 9's point 8).
+PLACEMENTS = (
+    ("affinity, agreed", "agreed", 1),
+    ("affinity, 2 gateways, sticky", "sticky", 2),
+    ("affinity, 2 gateways, agreed", "agreed", 2),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,15 +348,25 @@ def prefix_part(settings: Settings, work: Path) -> dict[str, Any]:
         try:
             backends = harness.sims(sims, extra)
             ports = {name: s.port for name, s in backends.items()}
-            for policy in POLICIES:
+            cases = [(p, p, "auto", 1) for p in POLICIES]
+            if run_name == "pressure":
+                cases += [(label, "affinity", how, n) for label, how, n in PLACEMENTS]
+            for policy, policy_name, placement, count_gw in cases:
                 for backend in backends.values():
                     sim_reset(backend)
-                gw = harness.gateway(f"gateway-{run_name}-{policy}", gateway_yaml(0, ports, policy))
+                yaml_text = gateway_yaml(0, ports, policy_name, placement=placement)
+                gws = tuple(
+                    harness.gateway(f"gateway-{run_name}-{policy_name}-{placement}-{g}", yaml_text)
+                    for g in range(count_gw)
+                )
                 with MachineBusy() as busy:
-                    outcomes, shed = run(_open_load(gw, requests, rate))
+                    outcomes, shed = run(_open_load(gws, requests, rate))
                 stats = {n: sim_stats(b) for n, b in backends.items()}
-                chosen = decisions(gw)
-                stop(gw)
+                chosen: dict[str, float] = {}
+                for gw in gws:
+                    for reason, n in decisions(gw).items():
+                        chosen[reason] = chosen.get(reason, 0.0) + n
+                    stop(gw)
                 hits = sum(s["prefix_cache"]["hit_blocks"] for s in stats.values())
                 misses = sum(s["prefix_cache"]["miss_blocks"] for s in stats.values())
                 share = shares(outcomes)
@@ -380,15 +397,17 @@ def prefix_part(settings: Settings, work: Path) -> dict[str, Any]:
 
 
 async def _open_load(
-    gw: Service, requests: list[fleetload.Request], rate: float
+    gws: tuple[Service, ...], requests: list[fleetload.Request], rate: float
 ) -> tuple[list[fleetload.Outcome], int]:
-    pool = fleetload.Pool(gw.host, gw.port)
+    """`requests` at `rate`, each to one of `gws` at random."""
+    pools = tuple(fleetload.Pool(gw.host, gw.port) for gw in gws)
     try:
         return await fleetload.open_loop(
-            pool, requests, rate_per_s=rate, max_outstanding=512, timeout_s=30.0
+            pools, requests, rate_per_s=rate, max_outstanding=512, timeout_s=30.0
         )
     finally:
-        pool.close()
+        for pool in pools:
+            pool.close()
 
 
 # -- part 3: the cost ----------------------------------------------------------------------

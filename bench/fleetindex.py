@@ -22,7 +22,7 @@ from bench.fleetwork import PrefixProfile, big_prompt_body, shared_prefix_reques
 from bench.streamload import chat_body
 from proxy.balance import Load, affinity, affinity_key, order
 from proxy.config import RoutingConfig
-from proxy.prefix_index import PrefixIndex
+from proxy.prefix_index import AgreedIndex, PrefixIndex
 from proxy.routing import Target
 from proxy.serve import CHAT, PROMPT_FIELDS
 from proxy.view import peek, prompt_head, prompt_of
@@ -63,8 +63,21 @@ def _costs(body: bytes, routing: RoutingConfig) -> dict[str, float]:
         placed = index.affinity("sim-model", key, TARGETS, IDLE, routing.key_load_factor)
         return order("affinity", TARGETS, IDLE, rng, placed, routing.load_factor)
 
+    agreed = AgreedIndex(routing.prefix_index_size)
+
+    def known_agreed() -> object:
+        placed = agreed.affinity("sim-model", key_of(), TARGETS, IDLE, routing.key_load_factor)
+        return order("affinity", TARGETS, IDLE, rng, placed, routing.load_factor)
+
+    def new_agreed() -> object:
+        key = affinity_key(None, b"%d " % next(fresh) + body[: routing.prefix_bytes], 2048)
+        placed = agreed.affinity("sim-model", key, TARGETS, IDLE, routing.key_load_factor)
+        return order("affinity", TARGETS, IDLE, rng, placed, routing.load_factor)
+
     return {
         "prompt_key_us": _us(key_of),
+        "affinity_agreed_known_key_us": _us(known_agreed),
+        "affinity_agreed_new_key_us": _us(new_agreed),
         "least_loaded_order_us": _us(lambda: order("least_loaded", TARGETS, IDLE, rng)),
         "affinity_no_index_us": _us(
             lambda: order(
@@ -73,6 +86,25 @@ def _costs(body: bytes, routing: RoutingConfig) -> dict[str, float]:
         ),
         "affinity_known_key_us": _us(known),
         "affinity_new_key_us": _us(new),
+    }
+
+
+def _matched_memory(size: int) -> dict[str, Any]:
+    """Bytes per entry of an `agreed` index full of matched keys (each sent twice)."""
+    index = AgreedIndex(size)
+    tracemalloc.start()
+    try:
+        for n in range(size):
+            key = affinity_key(None, b"prefix %d " % n * 200, 2048)
+            for _ in range(2):
+                index.affinity("sim-model", key, TARGETS, IDLE, 1.0)
+        full = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    return {
+        "size": size,
+        "full_bytes": full,
+        "keys_per_backend": dict(sorted(index.counts.items())),
     }
 
 
@@ -105,22 +137,29 @@ def _memory(size: int) -> dict[str, Any]:
     }
 
 
-def two_gateways(factor: float, size: int, trials: int = 20) -> dict[str, float]:
-    """Two indexes, each fed the requests a coin sends it (the prefix part's 752, seeded):
-    how many tenants they place on different replicas, and the most system prompts one
-    replica must then cache (tenants either gateway placed on it), as means over `trials`."""
+def two_gateways(
+    factor: float, size: int, kind: type[PrefixIndex | AgreedIndex] = PrefixIndex, trials: int = 20
+) -> dict[str, float]:
+    """Two indexes of `kind`, each fed the requests a coin sends it (the prefix part's 752,
+    seeded): how many tenants they place on different replicas at the end, the most system
+    prompts one replica must then cache (tenants either gateway placed on it), and how many
+    times a gateway's answer for a tenant changed on the way, as means over `trials`."""
     profile = PrefixProfile()
     requests = shared_prefix_requests(profile, 752)
     keys = [prompt_key(b) for b, _, _ in requests]
-    differ = held = 0.0
+    differ = held = moves = 0.0
     for trial in range(trials):
         coin = random.Random(trial)
-        gateways = [PrefixIndex(size), PrefixIndex(size)]
+        gateways = [kind(size), kind(size)]
         placed: list[dict[bytes, str]] = [{}, {}]
         for key in keys:
             g = coin.randrange(2)
             where = gateways[g].affinity("sim-model", key, TARGETS, IDLE, factor).home
-            placed[g].setdefault(key, where)
+            moves += placed[g].get(key, where) != where
+            placed[g][key] = where
+        for g, index in enumerate(gateways):  # where each has each key at the end
+            for key in placed[g]:
+                placed[g][key] = index.affinity("sim-model", key, TARGETS, IDLE, factor).home
         differ += sum(placed[0][k] != placed[1][k] for k in placed[0].keys() & placed[1].keys())
         per_replica: dict[str, set[bytes]] = {}
         for where in placed:
@@ -131,6 +170,7 @@ def two_gateways(factor: float, size: int, trials: int = 20) -> dict[str, float]
         "tenants": profile.tenants,
         "placed_differently": round(differ / trials, 1),
         "busiest_replica_prompts": round(held / trials, 1),
+        "moves_per_gateway": round(moves / trials / 2, 1),
     }
 
 
@@ -144,6 +184,7 @@ def index_part(settings: object, work: object) -> dict[str, Any]:
             "32 KB prompt": _costs(big_prompt_body(), routing),
         },
         "memory": _memory(routing.prefix_index_size),
+        "agreed_memory": _matched_memory(routing.prefix_index_size),
         "two_gateways": {
             "one gateway, key_load_factor 1": _one_gateway(),
             **{
@@ -151,6 +192,9 @@ def index_part(settings: object, work: object) -> dict[str, Any]:
                 for f in (1.0, 1.25, 1.5)
             },
             "two gateways, no index (prefix_index_size 0)": two_gateways(1.0, 0),
+            "two gateways, key_placement agreed": two_gateways(
+                1.0, routing.prefix_index_size, AgreedIndex
+            ),
         },
     }
 
@@ -166,4 +210,5 @@ def _one_gateway() -> dict[str, float]:
         "tenants": profile.tenants,
         "placed_differently": 0.0,
         "busiest_replica_prompts": float(max(index.counts.values())),
+        "moves_per_gateway": 0.0,
     }

@@ -178,7 +178,7 @@ async def closed_loop(
 
 
 async def open_loop(
-    pool: Pool,
+    pool: Pool | tuple[Pool, ...],
     requests: list[Request],
     *,
     rate_per_s: float,
@@ -186,14 +186,17 @@ async def open_loop(
     timeout_s: float,
     seed: int = 1,
 ) -> tuple[list[Outcome], int]:
-    """`requests` sent at Poisson arrivals of `rate_per_s`; (outcomes, shed)."""
+    """`requests` sent at Poisson arrivals of `rate_per_s`; (outcomes, shed). With several
+    pools (gateways), each request goes to one of them drawn at random (a load balancer)."""
     rng = random.Random(seed)
+    pools = pool if isinstance(pool, tuple) else (pool,)
+    coin = random.Random(seed + 1)
     outcomes: list[Outcome] = []
     tasks: set[asyncio.Task[None]] = set()
     shed = 0
 
-    async def one(index: int, request: Request) -> None:
-        outcome = await send(pool, request, timeout_s)
+    async def one(index: int, request: Request, to: Pool) -> None:
+        outcome = await send(to, request, timeout_s)
         outcome.index = index
         outcomes.append(outcome)
 
@@ -206,7 +209,8 @@ async def open_loop(
         if len(tasks) >= max_outstanding:
             shed += 1
             continue
-        task = asyncio.create_task(one(index, request))  # owned by `tasks`, awaited below
+        to = pools[coin.randrange(len(pools))]
+        task = asyncio.create_task(one(index, request, to))  # owned by `tasks`, awaited below
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     if tasks:

@@ -139,7 +139,7 @@ def prefix_targets(prefix: dict[str, Any]) -> list[dict[str, Any]]:
     p99 = _ratio(
         control["affinity"]["ttft_ms"].get("p99"), control["least_loaded"]["ttft_ms"].get("p99")
     )
-    checks = (
+    checks = [
         ("pressure: affinity hit rate / random's >= 2", hit, hit is not None and hit >= 2),
         ("pressure: random TTFT p90 / affinity's >= 3", p90, p90 is not None and p90 >= 3),
         (
@@ -147,7 +147,17 @@ def prefix_targets(prefix: dict[str, Any]) -> list[dict[str, Any]]:
             p99,
             p99 is not None and p99 <= 1.1,
         ),
-    )
+    ]
+    two = pressure.get("affinity, 2 gateways, agreed")
+    if two is not None:  # point 8: two gateways, each sent half the requests, still pay
+        hit2 = _ratio(two["hit_rate"], pressure["weighted"]["hit_rate"])
+        p90_2 = _ratio(pressure["weighted"]["ttft_ms"].get("p90"), two["ttft_ms"].get("p90"))
+        checks += [
+            ("pressure, 2 gateways agreed: hit rate / random's >= 2", hit2,
+             hit2 is not None and hit2 >= 2),
+            ("pressure, 2 gateways agreed: random TTFT p90 / theirs >= 3", p90_2,
+             p90_2 is not None and p90_2 >= 3),
+        ]  # fmt: skip
     return [{"target": t, "figure": f, "met": met} for t, f, met in checks]
 
 
@@ -184,7 +194,7 @@ def cost_table(cost: dict[str, Any]) -> Table:
 
 INDEX_COLUMNS = (
     "prompt_key_us", "least_loaded_order_us", "affinity_no_index_us", "affinity_known_key_us",
-    "affinity_new_key_us",
+    "affinity_new_key_us", "affinity_agreed_known_key_us", "affinity_agreed_new_key_us",
 )  # fmt: skip
 
 
@@ -192,6 +202,7 @@ def index_table(index: dict[str, Any]) -> Table:
     header = [
         "body", "the prompt's key", "order, least_loaded", "key + order, affinity, no index",
         "key + index + order, a key it holds", "key + index + order, a new key each call",
+        "the same, agreed, a key it holds", "the same, agreed, a new key each call",
     ]  # fmt: skip
     rows = [
         [label, *(f"{c[k]:.2f} us" for k in INDEX_COLUMNS)] for label, c in index["cases"].items()
@@ -203,9 +214,15 @@ def gateways_table(index: dict[str, Any]) -> Table:
     header = [
         "case (the prefix part's 48 tenants, each request to one gateway at random)",
         "tenants placed on different replicas", "system prompts the busiest replica must hold",
+        "times a gateway moved a tenant",
     ]  # fmt: skip
     rows = [
-        [label, _n(f["placed_differently"]), _n(f["busiest_replica_prompts"])]
+        [
+            label,
+            _n(f["placed_differently"]),
+            _n(f["busiest_replica_prompts"]),
+            _n(f["moves_per_gateway"]),
+        ]
         for label, f in index["two_gateways"].items()
     ]
     return header, rows
@@ -220,7 +237,9 @@ def index_memory(index: dict[str, Any]) -> str:
         f"when first full, {mib['churned_bytes']:.2f} MiB once every entry was replaced by a new "
         f"key ({m['churned_bytes'] / m['size']:.0f} bytes an entry), {mib['bytes_after_flood']:.2f}"
         f" MiB after {10 * m['size']:,} more new keys, holding {m['entries_after_flood']:,}; "
-        f"keys per backend then: {counts}"
+        f"keys per backend then: {counts}; with `key_placement: agreed`, full of matched keys: "
+        f"{index['agreed_memory']['full_bytes'] / 2**20:.2f} MiB "
+        f"({index['agreed_memory']['full_bytes'] / m['size']:.0f} bytes an entry)"
     )
 
 

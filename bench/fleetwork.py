@@ -121,7 +121,12 @@ def big_prompt_body(size: int = 32_000) -> bytes:
 
 # -- the gateway config --------------------------------------------------------------------
 def gateway_yaml(
-    port: int, backends: dict[str, int], policy: str, *, per_target_model: bool = True
+    port: int,
+    backends: dict[str, int],
+    policy: str,
+    *,
+    per_target_model: bool = True,
+    placement: str = "auto",
 ) -> str:
     """One model, `sim-model`, over `backends` (name -> port), weight 1 each, with `policy`.
 
@@ -129,6 +134,7 @@ def gateway_yaml(
     which the simulated backend echoes in every event: the client sees who answered.
     Health is probed every second and a backend whose requests fail three times in a row is
     ejected, so the figures show the gateway's reaction to a kill within the run.
+    `placement`: `routing.key_placement`.
     """
     lines = [
         "server:",
@@ -152,6 +158,7 @@ def gateway_yaml(
         "  load_factor: 1.25",
         "  prefix_index_size: 10000",
         "  key_load_factor: 1",
+        f"  key_placement: {placement}",
         "backends:",
     ]
     for name, backend_port in backends.items():

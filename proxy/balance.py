@@ -30,7 +30,9 @@ else is left (a health check may lag the truth in both directions).
   The price: each gateway bounds the keys it indexed, so two gateways agree on a new key
   whenever its home has room in both (the first keys of a fresh fleet, every key when they
   see the same keys in the same order), and may place a key past its home differently;
-  that key's prefix is then cached on two replicas.
+  that key's prefix is then cached on two replicas. `routing.key_placement: agreed` places
+  keys by the keys held instead of their order (proxy/key_matching.py, over
+  `rendezvous_scores`), and `place` is then not used.
   Per request, the load is bounded as before: the key's replica is passed over
   (`rebalanced`; the key stays placed) for the next one in the key's rendezvous order while
   its load (in flight here, plus what it reports queued) is above `load_factor` times its

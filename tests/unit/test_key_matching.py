@@ -166,7 +166,9 @@ def lives(index: AgreedIndex, i: int, loads: dict[str, Load] = IDLE, now: float 
     return index.affinity("m", key_bytes(i), ABC, loads, 1.0, now).home
 
 
-def test_a_key_is_at_its_home_until_its_second_request_then_matched() -> None:
+def test_a_key_is_counted_from_its_second_request_and_then_stays() -> None:
+    """Seen once, a key goes where it would be matched (its home, in an empty index) and is
+    not counted; from its second request it is, and a settled matching moves nothing."""
     index = AgreedIndex(100)
     homes = {i: affinity(key_bytes(i), ABC).home for i in range(30)}
     assert all(lives(index, i) == homes[i] for i in range(30))

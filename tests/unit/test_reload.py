@@ -8,6 +8,7 @@ from proxy.accesslog import AccessLog
 from proxy.auth import KeySet
 from proxy.config import Config, load_config
 from proxy.metrics import Metrics
+from proxy.prefix_index import AgreedIndex, PrefixIndex
 from proxy.reload import Changes, changes, successor
 from proxy.state import GatewayState
 from proxy.upstream import open_backends
@@ -135,3 +136,23 @@ async def test_successor_keeps_the_affinity_index_while_its_size_stays() -> None
     assert 5 == resized.prefix_index.size
     for backend in [*same.backends.values(), *gone, *resized.backends.values(), *more]:
         backend.close()
+
+
+async def test_successor_keeps_an_agreed_index_while_its_bound_stays() -> None:
+    """`key_placement`: a change of placement starts the index its new value asks for; an
+    `agreed` index (whose matchings hold their bound) is kept while `key_load_factor` stays."""
+    agreed = "routing: {key_placement: agreed}\n"
+    old = state_of(load_config(OLD + agreed))
+    assert isinstance(old.prefix_index, AgreedIndex)
+    kept, a = successor(old, load_config(NEW + agreed), {})
+    assert kept.prefix_index is old.prefix_index
+    looser = "routing: {key_placement: agreed, key_load_factor: 1.5}\n"
+    bound, b = successor(old, load_config(NEW + looser), {})
+    assert (
+        isinstance(bound.prefix_index, AgreedIndex) and bound.prefix_index is not old.prefix_index
+    )
+    sticky, c = successor(old, load_config(NEW + "routing: {key_placement: sticky}\n"), {})
+    assert isinstance(sticky.prefix_index, PrefixIndex)
+    for state, gone in ((kept, a), (bound, b), (sticky, c)):
+        for backend in [*state.backends.values(), *gone]:
+            backend.close()
