@@ -104,14 +104,6 @@ class Matching:
                 self.caps[name] = cap
                 self.todo.add(name)
 
-    def probe(self, key: MatchedKey) -> str:
-        """Where `key` would live if it joined: it joins, the place is noted, and it leaves,
-        which brings every other key back where it was (the matching of a set is unique)."""
-        self.join(key)
-        where = key.affinity.home
-        self.leave(key)
-        return where
-
     def join(self, key: MatchedKey) -> None:
         """A key enters: at its first live target, then repaired."""
         key.group = self

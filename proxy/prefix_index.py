@@ -15,10 +15,9 @@ too. The decision is `balance.place`'s; this class only remembers it.
 `AgreedIndex` is the same bounded LRU for `routing.key_placement: agreed`: there a key's
 replica is the stable matching of every key the index holds (proxy/key_matching.py), the
 same in every gateway that holds the same keys, not the first placement this gateway made.
-A key joins the matching on its second request (until then it is where the matching would
-put it, found by joining and leaving at once, and is not counted), so prompts sent once, a
-client's flood of fresh prefixes included, never move the keys that come back. `index_for`
-picks the class.
+A key joins the matching on its second request (until then it is at its rendezvous home,
+uncounted), so prompts sent once, a client's flood of fresh prefixes included, never move
+the keys that come back. `index_for` picks the class.
 """
 
 from __future__ import annotations
@@ -130,7 +129,7 @@ class AgreedIndex:
         now: float = 0.0,
     ) -> Affinity:
         """`key`'s `Affinity` for `model`'s `targets`, where the matching has it; a key seen
-        for the first time goes where it would be matched, uncounted."""
+        for the first time is at its rendezvous home over the healthy targets, uncounted."""
         if not self.size:
             return affinity(key, targets)
         slot = hash((model, key))
@@ -151,13 +150,8 @@ class AgreedIndex:
                 entry.group.leave(entry)
         ranked, scores = rendezvous_scores(targets, key_hash(key))
         live = live_backends(targets, loads)
-        entry = MatchedKey(
-            Affinity(next(t.backend for t in ranked if t.backend in live), ranked, targets), scores
-        )
-        group = self._groups.get(model)
-        if group is not None and group.targets == targets and group.live == live:
-            entry.affinity = Affinity(group.probe(entry), ranked, targets)
-        self._entries[slot] = entry
+        home = next(t.backend for t in ranked if t.backend in live)
+        self._entries[slot] = entry = MatchedKey(Affinity(home, ranked, targets), scores)
         if len(self._entries) > self.size:
             _, evicted = self._entries.popitem(last=False)
             if evicted.group is not None:

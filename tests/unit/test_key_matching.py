@@ -167,8 +167,8 @@ def lives(index: AgreedIndex, i: int, loads: dict[str, Load] = IDLE, now: float 
 
 
 def test_a_key_is_counted_from_its_second_request_and_then_stays() -> None:
-    """Seen once, a key goes where it would be matched (its home, in an empty index) and is
-    not counted; from its second request it is, and a settled matching moves nothing."""
+    """Seen once, a key is at its rendezvous home and not counted; from its second request
+    it is matched, and a settled matching moves nothing."""
     index = AgreedIndex(100)
     homes = {i: affinity(key_bytes(i), ABC).home for i in range(30)}
     assert all(lives(index, i) == homes[i] for i in range(30))
