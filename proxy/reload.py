@@ -25,7 +25,7 @@ from proxy.auth import KeySet
 from proxy.config import BackendConfig, Config, ConfigError
 from proxy.health import check_all
 from proxy.notify import notify
-from proxy.prefix_index import AgreedIndex, PrefixIndex, index_for
+from proxy.prefix_index import AgreedIndex, PrefixIndex
 from proxy.state import GatewayState, Live
 from proxy.tls import server_context
 from proxy.upstream import Backend
@@ -110,7 +110,7 @@ def successor(
     new.managed, new.admin = old.managed, old.admin  # auth.store: a change waits for a restart
     new.usage_tally = old.usage_tally  # usage not yet written goes on being summed
     new.tracer = old.tracer  # the app's, for its life: a change of `tracing` waits for a restart
-    if _same_index(old.config, config, new.prefix_index):
+    if _same_index(old, config, new.prefix_index):
         new.prefix_index = old.prefix_index  # where keys were placed: their caches stay warm
     for name, backend_config in config.backends.items():
         kept = old.backends.get(name)
@@ -273,12 +273,12 @@ class Reloader:
         return True
 
 
-def _same_index(old: Config, config: Config, fresh: PrefixIndex | AgreedIndex) -> bool:
+def _same_index(old: GatewayState, config: Config, fresh: PrefixIndex | AgreedIndex) -> bool:
     """Whether the old state's index serves the new config: the same size and placement
     (and, for `agreed`, whose matchings hold their bound, the same `key_load_factor`)."""
-    was, now = old.routing, config.routing
+    was, now = old.config.routing, config.routing
     return (
         was.prefix_index_size == now.prefix_index_size
-        and type(index_for(old)) is type(fresh)
+        and type(old.prefix_index) is type(fresh)
         and (isinstance(fresh, PrefixIndex) or was.key_load_factor == now.key_load_factor)
     )
