@@ -288,6 +288,11 @@ def _share_above(outcomes: list[fleetload.Outcome], ms: float) -> float | None:
     return round(sum(t > ms for t in times) / len(times), 4) if times else None
 
 
+def _second_half(outcomes: list[fleetload.Outcome], count: int) -> list[fleetload.Outcome]:
+    """The outcomes of the requests sent in the second half of a run of `count`."""
+    return [o for o in outcomes if o.index >= count // 2]
+
+
 def homes(outcomes: list[fleetload.Outcome], tenants: list[int]) -> dict[str, int]:
     """How many tenants each backend served most of the requests of (affinity: their home)."""
     seen: dict[int, dict[str, int]] = {}
@@ -385,6 +390,11 @@ def prefix_part(settings: Settings, work: Path) -> dict[str, Any]:
                         n: s["prefix_cache"]["hit_rate"] for n, s in stats.items()
                     },
                     "full_prefill_share": _share_above(outcomes, full_prefill_ms / 2),
+                    # the requests of the run's second half: past the tenants' arrival
+                    "second_half": {
+                        "ttft_ms": ttft(later := _second_half(outcomes, len(requests))),
+                        "full_prefill_share": _share_above(later, full_prefill_ms / 2),
+                    },
                     "cpu_busy": busy.busy,
                 }
                 note = fleetreport.brief(runs["policies"][policy])
