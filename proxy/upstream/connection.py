@@ -97,10 +97,13 @@ class Connection(asyncio.Protocol):
         if state is not State.BODY and state is not State.UNTIL_CLOSE:
             self._head_received(data)
             return
-        try:  # the hot path: one feed per read, each body piece handed on as it is parsed
+        response = self.response
+        try:  # the hot path: one feed per read, and what it parsed handed on in one piece
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._parse_failed(exc)
+        if response is not None:
+            response.flush()
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows

@@ -84,8 +84,9 @@ class Response:
         return data
 
     def divert(self, sink: Callable[[bytes], None]) -> bytes:
-        """From now on hand each piece of the body to `sink` the moment it arrives (in the
-        protocol callback: no task switch per piece). Returns what was buffered before."""
+        """From now on hand the body to `sink` the moment it arrives: what each read brought,
+        in one piece, in the protocol callback (no task switch per piece). Returns what was
+        buffered before."""
         data = b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -163,15 +164,23 @@ class Response:
 
     # Called by the connection's protocol callbacks.
     def feed(self, data: bytes) -> None:
-        """A piece of the body arrived."""
-        if self._sink is not None:
-            self._sink(data)
-            return
+        """A piece of the body arrived (a diverted body's waits for `flush`)."""
         self._chunks.append(data)
+        if self._sink is not None:
+            return
         self._buffered += len(data)
         if self._buffered > HIGH_WATER:
             self._source.pause()
         self._wake()
+
+    def flush(self) -> None:
+        """Hand the body pieces of the read just parsed to the sink, as one: a read that
+        brought many chunks (events sent back to back) costs one write to the client."""
+        chunks = self._chunks
+        if self._sink is not None and chunks:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            self._sink(data)
 
     def finish(self, error: BaseException | None = None) -> None:
         """The body ended, or failed with `error` (ignored once it has ended)."""

@@ -305,6 +305,47 @@ async def test_last_chunk_arriving_alone_ends_the_body_only_then() -> None:
         response.release()
 
 
+async def test_a_diverted_body_reaches_the_sink_one_piece_per_read() -> None:
+    """Chunks that arrive in one read (events sent back to back) reach the sink as one piece,
+    their bytes in order, so the relay writes once per read, not once per chunk; a chunk
+    split across reads is handed on as far as it came."""
+    events = [b"data: %d\n\n" % i for i in range(20)]
+    gates = [asyncio.Event(), asyncio.Event()]
+
+    async def serve(s: RawServer, n: int, reader, writer) -> None:
+        await s.read_request(reader)
+        writer.write(CHUNKED_HEAD)
+        await writer.drain()
+        await gates[0].wait()
+        writer.write(b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events) + b"b\r\nhalf")
+        await writer.drain()
+        await gates[1].wait()
+        writer.write(b" done\n\n\r\n0\r\n\r\n")
+        await writer.drain()
+        await s.until_closed(reader)
+
+    async with raw_backend(serve) as (_server, backend):
+        response = await post(backend)
+        pieces: list[bytes] = []
+        arrived = asyncio.Event()
+
+        def sink(piece: bytes) -> None:
+            pieces.append(piece)
+            arrived.set()
+
+        assert b"" == response.divert(sink)
+        gates[0].set()
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        assert [b"".join(events) + b"half"] == pieces
+        gates[1].set()
+        async with asyncio.timeout(5):
+            await response.wait()
+        assert ([b"".join(events) + b"half", b" done\n\n"], True) == (pieces, response.done)
+        response.undivert()
+        response.release()
+
+
 # Lengths that lie ---------------------------------------------------------------------------
 
 
