@@ -239,13 +239,25 @@ class UsageFilter:
         parts: list[bytes] = []
         kept = pos = 0
         size = len(buf)
+        # `_event_end`, kept across the events of one read (which may hold thousands): the
+        # next blank line of each kind is looked for again only once `pos` has passed it
+        # (-1: there is none, -2: not looked for yet), so each search covers the read once.
+        cr = CR in buf
+        lf = crlf = -2
         while True:
             m = _EVENT_START.search(buf, pos)
             if m is None:
                 pos = size
                 break
             pos = m.start()
-            end = _event_end(buf, pos)
+            if lf != -1 and lf < pos:
+                lf = buf.find(b"\n\n", pos)
+            end = lf + 2 if lf >= 0 else -1
+            if cr:
+                if crlf != -1 and crlf < pos:
+                    crlf = buf.find(b"\n\r\n", pos)
+                if crlf >= 0 and (lf < 0 or crlf < lf):
+                    end = crlf + 3
             if end < 0:
                 break
             if buf.find(USAGE_KEY, pos, end) >= 0 and is_usage_only(buf[pos:end]):

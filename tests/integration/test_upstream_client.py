@@ -346,6 +346,33 @@ async def test_a_diverted_body_reaches_the_sink_one_piece_per_read() -> None:
         response.release()
 
 
+async def test_good_chunks_before_a_malformed_one_in_one_read_still_reach_the_sink() -> None:
+    """A read whose chunks turn malformed part way: the sink gets the bytes of the good ones,
+    then the body fails as malformed HTTP."""
+    good = b"data: 1\n\n"
+    gate = asyncio.Event()
+
+    async def serve(s: RawServer, n: int, reader, writer) -> None:
+        await s.read_request(reader)
+        writer.write(CHUNKED_HEAD)
+        await writer.drain()
+        await gate.wait()
+        writer.write(b"%x\r\n%b\r\n" % (len(good), good) * 2 + b"zz\r\nnot a size\r\n")
+        await writer.drain()
+        await s.until_closed(reader)
+
+    async with raw_backend(serve) as (_server, backend):
+        response = await post(backend)
+        pieces: list[bytes] = []
+        response.divert(pieces.append)
+        gate.set()
+        async with asyncio.timeout(5):
+            with pytest.raises(BackendUnreachable, match="backend sent malformed HTTP"):
+                await response.wait()
+        assert [good * 2] == pieces
+        response.undivert()
+
+
 # Lengths that lie ---------------------------------------------------------------------------
 
 

@@ -410,6 +410,19 @@ def test_any_bytes_in_any_chunking_give_one_answer(stream: bytes, cuts: list[int
     assert filtered([stream]) == filtered(reads)
 
 
+def test_a_read_of_many_events_of_both_framings_is_scanned_in_one_pass() -> None:
+    """A read of thousands of events, LF and CRLF mixed, with `"usage"` in every one (as
+    OpenAI-style servers send once usage is asked for), gives what the same bytes fed one at
+    a time give: the stream without the usage event."""
+    lf = b'data: {"choices":[{"delta":{"content":"x"}}],"usage":null}\n\n'
+    crlf = lf.replace(b"\n", b"\r\n")
+    events = [lf if i % 3 else crlf for i in range(3000)]
+    stream = b"".join([*events, USAGE_EVENT, DONE])
+    expected = (b"".join([*events, DONE]), USAGE_EVENT)
+    assert expected == filtered([stream])
+    assert expected == filtered([stream[i : i + 1] for i in range(len(stream))])
+
+
 # --- the counts of a stream ----------------------------------------------------------------
 
 
