@@ -54,9 +54,14 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
     pending = distinct_targets(route)
     while True:
         full: list[tuple[Step, Target]] = []
-        for index, step in enumerate(route.steps):
+        # by index, not enumerate: the loops live as long as the stream, and an enumerate
+        # holds an object and a tuple more for each
+        steps = route.steps
+        for index in range(len(steps)):
+            step = steps[index]
             ordered, reason = arrange(state, step, key, loop.time())
-            for place, target in enumerate(ordered):
+            for place in range(len(ordered)):
+                target = ordered[place]
                 if (target.backend, target.upstream_model) in tried:
                     continue
                 backend = state.backends[target.backend]
@@ -189,12 +194,17 @@ async def exchange(
     """
     request, state, ex, deadline = call.request, call.state, call.ex, call.deadline
     trace = request[TRACE].upstream() if state.tracer is not None else b""
-    headers = upstream_headers(request.raw_headers, request_id=ex.request_id, trace=trace)
-    target = backend.target(path, request.raw_path.partition("?")[2])
     attempt = UpstreamTry(call, backend, may_retry)
     try:
         async with state.deadlines.at(deadline):
-            upstream = await attempt.send(request.method, target, headers, body)
+            # the request line's target and headers made in the call: no local of this frame,
+            # which lives as long as the stream, holds their bytes once they went out
+            upstream = await attempt.send(
+                request.method,
+                backend.target(path, request.raw_path.partition("?")[2]),
+                upstream_headers(request.raw_headers, request_id=ex.request_id, trace=trace),
+                body,
+            )
             attempt.response, attempt.complete = await relay.start(request, upstream, ex)
             if not attempt.complete:
                 idle_s = state.config.timeouts.idle_s

@@ -19,6 +19,7 @@ from proxy.usage import (
     ends_event,
     ends_stream,
     events_after,
+    opening_prompt,
     stream_usage,
     usage_in,
 )
@@ -76,13 +77,13 @@ class _Sink:
         "clock",
         "events",
         "filter",
-        "first",
         "first_at",
         "first_loop_at",
         "gone",
         "last",
         "last_at",
         "nbytes",
+        "opening",
         "paused",
         "sse",
         "tail",
@@ -110,7 +111,8 @@ class _Sink:
         self.events = self.nbytes = 0
         # `tail`: the last two bytes relayed, kept only while the last piece was shorter
         # than that (else they are `last`'s own)
-        self.tail = self.before_last = self.last = self.first = b""
+        self.tail = self.before_last = self.last = b""
+        self.opening: int | None = None  # the prompt's count in the first piece's `usage`
         self.gone = self.paused = False
 
     def account(self, data: bytes) -> None:
@@ -118,7 +120,8 @@ class _Sink:
         if self.first_at is None:
             self.first_at = time.perf_counter()
             self.first_loop_at = self.clock()
-            self.first = data  # where a stream's opening event carries its prompt's count
+            if self.sse:
+                self.opening = opening_prompt(data)
         self.nbytes += len(data)
         if self.sse:
             if CR in data or data[:1] == b"\n" or len(data) < 2:  # a terminator may straddle
@@ -227,7 +230,7 @@ async def pump(
             ex.event_gap = (sink.last_at - sink.first_loop_at) / (sink.events - 1)
         tail = sink.before_last[-TAIL_BYTES:] + sink.last[-TAIL_BYTES:]
         taken = usage.usage if usage is not None else b""
-        ex.usage = stream_usage(sink.first, taken or tail) if ex.sse else usage_in(tail)
+        ex.usage = stream_usage(sink.opening, taken or tail) if ex.sse else usage_in(tail)
         ex.stream_complete = ex.sse and ends_stream(tail)
         ex.open_event = ex.sse and bool(tail) and not ends_event(tail)
     return await finish(response, ex)

@@ -98,18 +98,23 @@ def usage_of(event: dict[str, object]) -> Usage | None:
     )
 
 
-def stream_usage(head: bytes, tail: bytes) -> Usage | None:
-    """A stream's token counts: its last `usage` (in `tail`), and the prompt's count from its
-    first one (in `head`, the first piece relayed) when the last has none, as in Anthropic's
-    stream, whose `message_start` carries `input_tokens` and `message_delta` the output's."""
-    last = usage_in(tail)
-    if last is not None and last.prompt:
-        return last
+def opening_prompt(head: bytes) -> int | None:
+    """The prompt's count in a stream's first `usage` (in `head`, the first piece relayed), as
+    in Anthropic's stream, whose `message_start` carries `input_tokens`; None if it has none.
+    Read as the piece goes by, so a stream holds a number for its whole life, not the bytes."""
     at = head.find(_USAGE, 0, TAIL_BYTES)
     first = _PROMPT.search(head, at, at + _NEAR_USAGE) if at >= 0 else None
-    if first is None:
+    return int(first.group(1)) if first is not None else None
+
+
+def stream_usage(opening: int | None, tail: bytes) -> Usage | None:
+    """A stream's token counts: its last `usage` (in `tail`), with the prompt's count from its
+    first one (`opening_prompt`) when the last has none, as in Anthropic's stream, whose
+    `message_delta` carries only the output's."""
+    last = usage_in(tail)
+    if (last is not None and last.prompt) or opening is None:
         return last
-    return Usage(prompt=int(first.group(1)), completion=last.completion if last else 0)
+    return Usage(prompt=opening, completion=last.completion if last else 0)
 
 
 _NEAR_USAGE = 512  # bytes after a `usage` key in which its counts are looked for

@@ -25,7 +25,7 @@ from proxy.stream_usage import (
     request_edit,
     splice,
 )
-from proxy.usage import Usage, stream_usage, usage_in
+from proxy.usage import Usage, opening_prompt, stream_usage, usage_in
 from proxy.view import peek, peek_invocation
 from tests.unit.test_properties_json import FAST
 
@@ -434,10 +434,12 @@ def test_anthropic_prompt_count_comes_from_message_start() -> None:
         b'{"cache_read_input_tokens":5,"input_tokens":9,"output_tokens":0}}}\n\n'
     )
     tail = b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":3}}\n\n'
-    assert Usage(prompt=9, completion=3) == stream_usage(head, tail)
-    assert Usage(prompt=9, completion=0) == stream_usage(head, b"")
-    assert Usage(prompt=11, completion=4) == stream_usage(head, USAGE_EVENT)
-    assert stream_usage(chunk("a"), DONE) is None
+    assert 9 == opening_prompt(head)
+    assert Usage(prompt=9, completion=3) == stream_usage(opening_prompt(head), tail)
+    assert Usage(prompt=9, completion=0) == stream_usage(9, b"")
+    assert Usage(prompt=11, completion=4) == stream_usage(9, USAGE_EVENT)
+    assert None is opening_prompt(chunk("a"))
+    assert stream_usage(opening_prompt(chunk("a")), DONE) is None
 
 
 def test_ask_is_what_the_docs_say() -> None:
