@@ -44,14 +44,20 @@ def tree(pid: int) -> list[int]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds used so far by `pid` and its live descendants."""
-    ticks = 0
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds used so far by `pid` and its live descendants."""
+    user = system = 0
     for member in tree(pid):
         try:
             fields = _stat_fields(member)
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return ticks / CLOCK_TICKS
+        user += int(fields[11])  # utime (field 14)
+        system += int(fields[12])  # stime (field 15)
+    return user / CLOCK_TICKS, system / CLOCK_TICKS
 
 
 def rss_bytes(pid: int) -> int:

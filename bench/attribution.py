@@ -1,0 +1,379 @@
+"""`python -m bench.attribution`: where the gateway's CPU per request goes, above the floor.
+
+S1's shape (non-streaming chat, 64 wrk connections, the simulated backend answering at once),
+one process under test pinned to CPU 1 (backend and wrk on CPU 0), CPU from /proc split into
+user and system time, for these cases, in interleaved rounds (each figure the median):
+
+- **floor**: `bench.floor`, aiohttp's low-level server on the gateway's upstream client;
+- **floor + busy work**: the floor doing `--busy-us` microseconds of pure Python arithmetic
+  per request before it forwards it (no system call, no allocation that lives). Its system
+  time shows what the kernel charges a pass-through for being slower, whatever makes it so:
+  on loopback, each write runs the peer's receive path and wakes the peer, and a peer that
+  idles between requests (the backend, behind a slower proxy) costs more to wake;
+- **gateway**: `python -m proxy --backend URL`, every default on (as `make bench` runs it);
+- **gateway without X**: the same gateway with one default phase replaced by a no-op (or by
+  the floor's own code), in the process under test only. Not a configuration anyone can
+  choose: a measurement of what that phase costs, as the gateway runs it, with its share of
+  cold caches and young collections. The phases taken out are in `PHASES`;
+- **gateway without all of them**: what is left is the chain itself (aiohttp's `web.Request`
+  and app, the dispatch, the middleware's frame, the request's record, the body, the plan,
+  the retry loop, the attempt and the relay's start).
+
+Every case must answer every request 200: a replaced phase that broke requests would make a
+figure of nothing, so the run stops on the first error.
+
+    python -m bench.attribution                # 3 rounds of 6 s per case; writes RESULTS.md
+    python -m bench.attribution --quick        # 1 round of 2 s per case; prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench import sections
+from bench.processes import free_port, start, stop
+from bench.procstat import cpu_split
+from bench.scenarios import LOAD_CPU, PROXY_CPU, ROOT
+from bench.wrk import run_wrk
+
+TITLE = "Where the gateway's CPU goes"
+MODEL = "sim-model"
+BODY = orjson.dumps(
+    {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hello there, how are you today"}],
+        "max_tokens": 16,
+    }
+)
+CONNECTIONS = 64
+SIMBACKEND = [sys.executable, "-m", "bench.simbackend", "--port"]
+
+
+# --- the phases, each replaced in the process under test (`--serve-without`) ---------------
+
+
+def _no_access_log() -> None:
+    from proxy.accesslog import AccessLog
+
+    AccessLog.write = lambda *_args: None  # type: ignore[method-assign]
+
+
+def _no_metrics() -> None:
+    import proxy.middleware
+
+    proxy.middleware._account = lambda *_args: None
+
+
+def _no_auth() -> None:
+    import proxy.middleware
+
+    proxy.middleware.authenticate = lambda *_args: None
+
+
+def _fixed_request_id() -> None:
+    import proxy.middleware
+
+    proxy.middleware.request_id_of = lambda _value: "bench-request-id"
+
+
+def _no_deadline() -> None:
+    import contextlib
+
+    from proxy.deadlines import Deadlines
+
+    Deadlines.at = lambda _self, _when: contextlib.nullcontext()  # type: ignore[assignment,return-value]
+
+
+def _no_limits() -> None:
+    import contextlib
+
+    import proxy.serve
+
+    proxy.serve.limited = lambda _call, _model: contextlib.nullcontext()  # type: ignore[assignment,return-value]
+
+
+def _no_peek() -> None:
+    import proxy.routes.openai
+    from proxy.view import peek
+
+    fixed = peek(BODY, ("messages",))  # every request of the run carries this body
+    proxy.routes.openai.peek = lambda _body, _fields=(): fixed
+
+
+def _floor_headers() -> None:
+    import proxy.forward
+    import proxy.relay
+    from bench import floor
+
+    def upstream(raw: Any, *, request_id: str, trace: bytes = b"") -> bytes:
+        return floor.upstream_lines(raw)
+
+    def downstream(raw: Any, *, request_id: str) -> Any:
+        return floor.downstream_headers(raw)
+
+    proxy.forward.upstream_headers = upstream
+    proxy.relay.downstream_headers = downstream
+
+
+def _no_usage() -> None:
+    import proxy.relay
+
+    proxy.relay.usage_in = lambda _tail: None
+
+
+def _no_health_learning() -> None:
+    import proxy.forward
+
+    proxy.forward.request_succeeded = lambda _health: None
+
+
+def _no_connection_guard() -> None:
+    from proxy.listener import GuardedServer
+
+    GuardedServer.request_started = lambda _self, _handler: None  # type: ignore[method-assign]
+    GuardedServer.request_finished = lambda _self, _handler: None  # type: ignore[method-assign]
+
+
+# name -> (what it stands for, how it is taken out)
+PHASES: dict[str, tuple[str, Callable[[], None]]] = {
+    "access-log": ("the access-log line", _no_access_log),
+    "metrics": ("the metrics tallied at the request's end (`_account`)", _no_metrics),
+    "auth": ("the key check (no keys configured: the call and its lookups)", _no_auth),
+    "request-id": ("a new request id (a fixed one instead)", _fixed_request_id),
+    "deadline": ("the request's deadline on the shared timer", _no_deadline),
+    "limits": ("the limits phase (`limited`: no limits configured)", _no_limits),
+    "peek": ("`peek`: the body decoded for `model`, `stream` and the prompt", _no_peek),
+    "headers": ("the gateway's header filtering (the floor's instead)", _floor_headers),
+    "usage": ("the token count read from the answer's tail", _no_usage),
+    "health": ("the backend's health told of a success", _no_health_learning),
+    "guard": ("the connection guard's busy and idle books", _no_connection_guard),
+}
+
+
+def serve_without(names: list[str], proxy_argv: list[str]) -> int:
+    """Run the gateway with the named phases taken out (in this process only)."""
+    for name in names:
+        PHASES[name][1]()
+    from proxy.__main__ import main
+
+    return main(proxy_argv)
+
+
+def serve_floor_busy(busy_us: float, floor_argv: list[str]) -> None:
+    """Run the floor, doing `busy_us` of pure arithmetic before each request."""
+    from bench import floor
+
+    def spin(rounds: int) -> int:
+        total = 0
+        for i in range(rounds):
+            total += i
+        return total
+
+    began = time.process_time()
+    spin(2_000_000)
+    rounds = int(busy_us / 1e6 / ((time.process_time() - began) / 2_000_000))
+    forward = floor.Floor.__call__
+
+    async def busy_then_forward(self: floor.Floor, request: Any) -> Any:
+        spin(rounds)
+        return await forward(self, request)
+
+    floor.Floor.__call__ = busy_then_forward  # type: ignore[method-assign]
+    floor.main(floor_argv)
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    name: str
+    argv: list[str]  # with {backend} and {port} to fill
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+
+def cases(busy_us: float) -> list[Case]:
+    gateway = ["{backend}", "--host", "127.0.0.1", "--port", "{port}"]
+    me = [sys.executable, "-m", "bench.attribution"]
+    floor = ["--backend", "{backend}", "--host", "127.0.0.1", "--port", "{port}"]
+    out = [
+        Case("floor", [sys.executable, "-m", "bench.floor", *floor]),
+        Case(
+            f"floor + {busy_us:.0f} us of busy work",
+            [*me, "--serve-floor-busy", str(busy_us), "--", *floor],
+        ),
+        Case("gateway", [sys.executable, "-m", "proxy", "--backend", *gateway]),
+    ]
+    out += [
+        Case(f"gateway without {name}", [*me, "--serve-without", name, "--", "--backend", *gateway])
+        for name in PHASES
+    ]
+    every = ",".join(PHASES)
+    out.append(
+        Case(
+            "gateway without all of them",
+            [*me, "--serve-without", every, "--", "--backend", *gateway],
+        )
+    )
+    return out
+
+
+def measure(case: Case, backend: str, work: Path, seconds: float) -> None:
+    """One run of one case: its own process, a warm-up, then the measured window."""
+    port = free_port()
+    argv = [a.replace("{backend}", backend).replace("{port}", str(port)) for a in case.argv]
+    service = start("under-test", argv, port=port, cpu=PROXY_CPU, log_dir=work, cwd=ROOT)
+    url = f"{service.url}/v1/chat/completions"
+    try:
+        run_wrk(url, BODY, connections=CONNECTIONS, duration_s=2.0, cpu=LOAD_CPU)
+        user0, system0 = cpu_split(service.pid)
+        result = run_wrk(url, BODY, connections=CONNECTIONS, duration_s=seconds, cpu=LOAD_CPU)
+        user1, system1 = cpu_split(service.pid)
+    finally:
+        stop(service)
+    if result["errors"]:
+        raise RuntimeError(f"{case.name}: {result['error_kinds']} in the measured window")
+    requests = max(1, result["requests"])
+    per = 1e6 / requests
+    case.runs.append(
+        {
+            "requests_per_s": result["requests_per_s"],
+            "user_us": (user1 - user0) * per,
+            "system_us": (system1 - system0) * per,
+        }
+    )
+
+
+def median(case: Case, key: str) -> float:
+    return statistics.median(run[key] for run in case.runs)
+
+
+def table(all_cases: list[Case]) -> list[str]:
+    """One row per case; the gateway's rows also say what taking the phase out saved."""
+    by_name = {case.name: case for case in all_cases}
+    gateway = by_name["gateway"]
+    whole = median(gateway, "user_us") + median(gateway, "system_us")
+    floor_user = median(by_name["floor"], "user_us")
+    lines = [
+        "| case | requests/s | user CPU-us per request | system CPU-us | total | "
+        "user above the floor | total saved against the gateway |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for case in all_cases:
+        user, system = median(case, "user_us"), median(case, "system_us")
+        saved = f"{whole - user - system:.1f}" if case.name.startswith("gateway without") else "-"
+        lines.append(
+            f"| {case.name} | {median(case, 'requests_per_s'):,.0f} | {user:.1f} | "
+            f"{system:.1f} | {user + system:.1f} | {user - floor_user:.1f} | {saved} |"
+        )
+    return lines
+
+
+def section(lines: list[str], rounds: int, seconds: float, elapsed: float) -> str:
+    cpu = platform.processor() or platform.machine()
+    for row in Path("/proc/cpuinfo").read_text().splitlines():
+        if row.startswith("model name"):
+            cpu = row.split(":", 1)[1].strip()
+            break
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    phases = [f"- `{name}`: {what}" for name, (what, _) in PHASES.items()]
+    return "\n".join(
+        [
+            f"## {TITLE}",
+            "",
+            "Written by `python -m bench.attribution` (its docstring says how): S1's shape, the",
+            "floor, the floor with busy work, the gateway, and the gateway with each default",
+            "phase taken out in turn (in the measured process only: no configuration does",
+            "this). 'total saved' is what the gateway's CPU per request fell by without it.",
+            "",
+            f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; commit {commit}",
+            f"- machine: {cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}",
+            f"- run: {rounds} round(s) of {seconds:.0f} s per case, interleaved, medians; "
+            f"{elapsed:.0f} s",
+            "",
+            *lines,
+            "",
+            "The phases:",
+            "",
+            *phases,
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.attribution", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s per case")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--busy-us", type=float, default=70.0, help="the floor's busy work")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
+    parser.add_argument("--serve-without", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-floor-busy", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    if args.serve_without is not None:
+        names = args.serve_without.split(",")
+        unknown = [n for n in names if n not in PHASES]
+        if unknown:
+            parser.error(f"no such phase: {', '.join(unknown)} (phases: {', '.join(PHASES)})")
+        return serve_without(names, rest)
+    if args.serve_floor_busy is not None:
+        serve_floor_busy(args.serve_floor_busy, rest)
+        return 0
+    rounds, seconds = (1, 2.0) if args.quick else (args.rounds, args.seconds)
+    started = time.monotonic()
+    all_cases = cases(args.busy_us)
+    with tempfile.TemporaryDirectory(prefix="bench-attribution-") as tmp:
+        work = Path(tmp)
+        backend_port = free_port()
+        backend = start(
+            "simbackend",
+            [*SIMBACKEND, str(backend_port), f"--model={MODEL}", "--keepalive-s=30"],
+            port=backend_port,
+            cpu=LOAD_CPU,
+            log_dir=work,
+            cwd=ROOT,
+        )
+        try:
+            for round_ in range(rounds):
+                for case in all_cases:
+                    print(f"round {round_ + 1}/{rounds}: {case.name}", file=sys.stderr)
+                    measure(case, backend.url, work, seconds)
+        finally:
+            stop(backend)
+    lines = table(all_cases)
+    print("\n".join(lines))
+    if not args.no_write and not args.quick:
+        results = ROOT / "bench" / "RESULTS.md"
+        text = results.read_text() if results.exists() else "# Benchmark results\n"
+        results.write_text(
+            sections.replace(
+                text, TITLE, section(lines, rounds, seconds, time.monotonic() - started)
+            )
+        )
+        print(f"\nwrote the '## {TITLE}' section of {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
