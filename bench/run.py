@@ -28,6 +28,7 @@ from typing import Any
 
 from bench import profile as profiling
 from bench import report, sections
+from bench.attribution import TITLE as ATTRIBUTION_TITLE
 from bench.fleetreport import keep_section
 from bench.nginx import nginx_binary, start_nginx
 from bench.plot import plot_ttfe
@@ -394,11 +395,18 @@ def finish(suite: Suite, args: argparse.Namespace, argv: list[str] | None) -> in
             shutil.copyfile(png, ROOT / "bench" / plot_name)
         text = report.results_markdown(results, rows, plot_name)
         results_md = ROOT / "bench" / "RESULTS.md"
-        # The sections that make bench-fleet, make bench-workers and bench.auth write stay.
+        # The sections that make bench-fleet, make bench-workers, bench.auth and
+        # bench.attribution write stay.
         kept = sections.keep(
             results_md,
             keep_section(results_md, text),
-            ("Workers", "Auth and limits", "Growth", "Issue 12: where the gateway's time goes"),
+            (
+                "Workers",
+                "Auth and limits",
+                "Growth",
+                ATTRIBUTION_TITLE,
+                "Issue 12: where the gateway's time goes",
+            ),
         )
         results_md.write_text(kept)
     print(f"\nwrote {args.out / 'results.json'}" + (f", {png}" if png else ""))

@@ -50,7 +50,8 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
     """
     state, loop = call.state, asyncio.get_running_loop()
     failure: ProxyError | None = None  # what the last target that failed said
-    tried: set[tuple[str, str | None]] = set()
+    # a list, not a set: a plan has a few targets, and a set is 216 bytes for the stream's life
+    tried: list[tuple[str, str | None]] = []
     pending = distinct_targets(route)
     while True:
         full: list[tuple[Step, Target]] = []
@@ -69,7 +70,7 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
                     full.append((step, target))
                     continue
                 why = "fallback" if index else reason if place == 0 else "retry"
-                tried.add((target.backend, target.upstream_model))
+                tried.append((target.backend, target.upstream_model))
                 last = len(tried) == pending
                 try:
                     return await attempt(call, route, backend, target, run, why, last)
@@ -83,7 +84,7 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
         backend = await state.admission.wait(backends.values(), call.deadline, give_up)
         state.metrics.queue_wait[route.model_label,].observe(loop.time() - started)
         step, target = next((s, t) for s, t in full if t.backend == backend.name)
-        tried.add((target.backend, target.upstream_model))
+        tried.append((target.backend, target.upstream_model))
         try:
             last = len(tried) == pending
             return await attempt(call, route, backend, target, run, "queued", last)

@@ -193,6 +193,8 @@ class GuardedServer(web.Server):
 class _GatewayRequestHandler(RequestHandler):
     """aiohttp's connection handler, whose own error answers are the gateway's."""
 
+    __slots__ = ("server",)  # as aiohttp's own: no `__dict__` for each connection
+
     def __init__(self, server: GuardedServer, **options: Any) -> None:
         super().__init__(server, **options)
         self.server = server

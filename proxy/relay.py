@@ -191,6 +191,11 @@ async def pump(
         return False
     # aiohttp frames the body in chunks exactly when it announced so in the head it sent.
     chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+    # Both heads are on their way (`start` prepared the response, which serialized its
+    # head): neither the backend's header list nor the response's multidict, with their
+    # names and values, is held for the stream's life.
+    response.headers.clear()
+    upstream.headers.clear()
     usage = UsageFilter() if ex.sse and ex.strip_usage else None
     sink = _Sink(upstream, transport, chunked, ex.sse, usage)
     early = upstream.divert(sink)
@@ -201,6 +206,7 @@ async def pump(
             if early:
                 sink.account(early)
             await response.write(early)  # b"": the head alone
+        del early  # this frame lives as long as the stream: it does not hold the first piece
         while not upstream.done:
             alarm = deadlines.wake_at(min(deadline, sink.last_at + idle_s), upstream.wake)
             try:

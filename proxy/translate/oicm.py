@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.errors import BackendUnreachable, InvalidRequest
-from proxy.translate.template import render_prompt
 
 # TGI generation parameters with a chat equivalent. TGI-only ones (top_k, repetition_penalty,
 # typical_p, truncate, watermark, details, return_full_text, ...) have none and are left out.
@@ -110,6 +109,10 @@ def chat_template_to_completion_request(
     template = body.get("chat_template")
     if not isinstance(template, str):
         raise InvalidRequest("chat_template: expected a string")
+    # Jinja is imported by the first request that needs it: about 1 MiB of each worker's
+    # memory that a gateway nobody sends a template to never pays.
+    from proxy.translate.template import render_prompt
+
     prompt = render_prompt(template, body.get("messages"))
     completion: dict[str, object] = {"model": upstream_model, "prompt": prompt}
     if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
