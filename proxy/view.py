@@ -66,6 +66,7 @@ class Invocation(msgspec.Struct, frozen=True):
 
 
 _T = TypeVar("_T")
+_SEARCH_PAST = 4096  # a prompt value this long is left out of the search for `model` keys
 _DECODER = msgspec.json.Decoder(_Fields)
 _INVOCATION = msgspec.json.Decoder(_InvocationFields)
 _ANY = msgspec.json.Decoder()
@@ -84,8 +85,11 @@ def peek(body: bytes, prompt_fields: tuple[str, ...] = ()) -> RequestView:
     model = _ANY.decode(view.model)
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' must be a non-empty string")
-    start = _model_at(body, view.model)
-    _refuse_a_second_model(body, start)
+    prompt = _present(view, prompt_fields)
+    only = _only_model_key(body, prompt)
+    start = _model_at(body, view.model, only)
+    if only < 0:
+        _refuse_a_second_model(body, start)
     stream = _stream_flag(view.stream)
     return RequestView(
         model=model,
@@ -93,7 +97,7 @@ def peek(body: bytes, prompt_fields: tuple[str, ...] = ()) -> RequestView:
         chat_template=view.chat_template is not msgspec.UNSET,
         model_at=(start, start + len(view.model)),
         options_at=_options_at(body, view.stream_options) if stream else None,
-        prompt=_present(view, prompt_fields),
+        prompt=prompt,
     )
 
 
@@ -105,13 +109,36 @@ def _present(fields: msgspec.Struct, names: tuple[str, ...]) -> tuple[msgspec.Ra
     return tuple(v for v in (getattr(fields, name) for name in names) if v is not msgspec.UNSET)
 
 
-def _model_at(body: bytes, value: msgspec.Raw) -> int:
-    """Where the top-level `model` value decoded from `body` starts in it. Where `"model"`
-    is in the body once and no key can be spelt with escapes, that one is the key, and the
-    value follows its colon: found by search, without reading the Raw's address."""
-    if body.count(b'"model"') == 1 and body.find(b"\\u006") < 0:
-        at = body.find(b'"model"')
-        colon = body.find(b":", at + 7) if at >= 0 else -1
+def _only_model_key(body: bytes, prompt: tuple[msgspec.Raw, ...] = ()) -> int:
+    """Where `"model"` is in the body when it is there once and no key can be spelt with
+    escapes (so that one is the top-level key), else -1: two passes over the body, in C.
+
+    `prompt`: top-level values decoded from `body`. No top-level key is inside one, so the
+    longest, when it is long (a prompt of many KB), is not searched: the passes cover the
+    rest of the body only."""
+    at = body.find(b'"model"')
+    if at < 0:
+        return -1
+    start = end = size = len(body)  # [start, end): the span not searched (none)
+    if size >= _SEARCH_PAST and prompt:
+        longest = max(prompt, key=len)
+        if len(longest) >= _SEARCH_PAST:
+            start, end = raw_span(body, longest)
+            if start <= at:  # a `"model"` inside the prompt comes first: the key is elsewhere
+                return -1
+    if body.find(b'"model"', at + 7, start) >= 0 or body.find(b"\\u006", 0, start) >= 0:
+        return -1
+    if end < size and (body.find(b'"model"', end) >= 0 or body.find(b"\\u006", end) >= 0):
+        return -1
+    return at
+
+
+def _model_at(body: bytes, value: msgspec.Raw, only: int) -> int:
+    """Where the top-level `model` value decoded from `body` starts in it. Where the key is
+    `only` (`_only_model_key`), the value follows its colon: found by search, without
+    reading the Raw's address."""
+    if only >= 0:
+        colon = body.find(b":", only + 7)
         if colon >= 0:
             start = colon + 1
             while body[start] in b" \t\r\n":
@@ -129,7 +156,7 @@ def raw_span(body: bytes, value: msgspec.Raw) -> tuple[int, int]:
     """Where a `Raw` decoded from `body` lies in it (msgspec's Raw points into its input)."""
     start = _address(value) - _address(body)
     end = start + len(value)
-    if not (start >= 0 and end <= len(body) and memoryview(body)[start:end] == memoryview(value)):
+    if not (start >= 0 and end <= len(body) and body.startswith(value, start)):  # a memcmp
         raise AssertionError("msgspec.Raw no longer points into the decoded body")
     return start, end
 
@@ -215,7 +242,7 @@ def _decode(decoder: msgspec.json.Decoder[_T], body: bytes) -> _T:
     The view skips the values it does not read without checking their UTF-8, so a body
     that is not all ASCII is checked whole here (C speed; ASCII is told in one fast pass).
     """
-    if not body.strip():
+    if not body or body.isspace():  # (not `strip()`: a copy of a body that ends in a newline)
         raise InvalidRequest("request body is empty: send a JSON object")
     if not body.isascii():
         try:
@@ -320,9 +347,10 @@ def model_span(body: bytes) -> tuple[int, int] | None:
         return None
     start = _address(value) - _address(body)
     end = start + len(value)
-    if not (start >= 0 and end <= len(body) and memoryview(body)[start:end] == memoryview(value)):
+    if not (start >= 0 and end <= len(body) and body.startswith(value, start)):  # a memcmp
         raise AssertionError("msgspec.Raw no longer points into the decoded body")
-    _refuse_a_second_model(body, start)
+    if _only_model_key(body) < 0:
+        _refuse_a_second_model(body, start)
     return (start, end) if body[start] == 0x22 else None  # only a string value is a model
 
 
@@ -330,10 +358,8 @@ def _refuse_a_second_model(body: bytes, value_at: int) -> None:
     """A body whose top level names `model` twice is refused: the gateway would route by one
     and a backend may read the other. msgspec keeps the last, so the keys before it are
     decoded again (cut off as an object of their own) to find any other, escaped spellings
-    included. Only a body where a second one can hide (`"model"` twice, or an escaped
-    letter, which a key spelling it with escapes needs) pays for that second pass."""
-    if body.count(b'"model"') < 2 and body.find(b"\\u006") < 0:
-        return
+    included. Called only for a body where a second one can hide (`"model"` twice, or an
+    escaped letter, which a key spelling it with escapes needs: `_only_model_key`)."""
     colon = body.rindex(b":", 0, value_at)
     key_end = body.rindex(b'"', 0, colon)
     key_start = body.rindex(b'"', 0, key_end)  # a key spelling `model` has no escaped quote

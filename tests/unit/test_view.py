@@ -206,6 +206,44 @@ def test_model_once_at_the_top_level_is_not_a_duplicate(body: bytes) -> None:
     assert "b2" == peek(replace_model(body, "b2")).model
 
 
+LONG = b'[{"role": "user", "content": "' + b"x " * 4000 + b'"}]'  # past peek's search
+LONG_WITH_MODEL = b'[{"role": "user", "model": "n", "content": "' + b"x " * 4000 + b'mod\\u0065l"}]'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "a", "messages": ' + LONG + b', "model": "b"}',
+        b'{"model": "a", "messages": ' + LONG + b', "mod\\u0065l": "b"}',
+        b'{"mod\\u0065l": "a", "messages": ' + LONG + b', "model": "b"}',
+        b'{"model": "a", "messages": ' + LONG_WITH_MODEL + b', "model": "b"}',
+    ],
+)
+def test_model_twice_around_a_long_prompt_is_refused(body: bytes) -> None:
+    """The long prompt `peek` does not search hides no second top-level "model" before or
+    after it."""
+    with pytest.raises(InvalidRequest) as caught:
+        peek(body, ("messages",))
+    assert "'model' appears more than once in the body" == caught.value.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "a", "messages": ' + LONG_WITH_MODEL + b"}",
+        b'{"messages": ' + LONG + b', "model": "a"}',
+        b'{"messages": ' + LONG_WITH_MODEL + b', "model": "a", "max_tokens": 1}',
+    ],
+)
+def test_model_once_beside_a_long_prompt(body: bytes) -> None:
+    """A "model" key or an escaped spelling inside the long prompt is no second model, and
+    the model's span is found wherever it is."""
+    view = peek(body, ("messages",))
+    assert "a" == view.model
+    assert view.model_at is not None
+    assert b'"a"' == body[view.model_at[0] : view.model_at[1]]
+
+
 def test_invalid_utf8_in_a_skipped_value_is_refused() -> None:
     """Bytes that are not UTF-8 are a 400 even inside a value routing does not read."""
     with pytest.raises(InvalidRequest) as caught:
