@@ -24,9 +24,20 @@ def test_the_table_says_what_each_phase_saved_against_the_whole_gateway() -> Non
             _case("gateway without access-log", 101.0, 35.5),
         ]
     )
-    assert rows[2] == "| floor | 1,000 | 40.0 | 14.0 | 54.0 | 0.0 | - |"
-    assert rows[4] == "| gateway | 1,000 | 105.0 | 35.0 | 140.0 | 65.0 | - |"
-    assert rows[5] == "| gateway without access-log | 1,000 | 101.0 | 35.5 | 136.5 | 61.0 | 3.5 |"
+    assert rows[2] == "| floor | 1,000 | 40.0 | 14.0 | 54.0 | 54.0-54.0 | 0.0 | - |"
+    assert rows[4] == "| gateway | 1,000 | 105.0 | 35.0 | 140.0 | 140.0-140.0 | 65.0 | - |"
+    assert rows[5] == (
+        "| gateway without access-log | 1,000 | 101.0 | 35.5 | 136.5 | 136.5-136.5 | 61.0 | 3.5 |"
+    )
+
+
+def test_the_table_shows_the_lowest_and_highest_round() -> None:
+    runs = [
+        {"requests_per_s": 900.0, "user_us": 100.0, "system_us": 30.0},
+        {"requests_per_s": 1100.0, "user_us": 110.0, "system_us": 40.0},
+    ]
+    rows = table([_case("floor", 40.0, 14.0), Case("gateway", [], runs)])
+    assert rows[3] == "| gateway | 1,000 | 105.0 | 35.0 | 140.0 | 130.0-150.0 | 65.0 | - |"
 
 
 def test_a_phase_that_no_longer_exists_is_refused_not_measured_as_the_whole_gateway() -> None:
