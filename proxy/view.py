@@ -116,19 +116,23 @@ def _only_model_key(body: bytes, prompt: tuple[msgspec.Raw, ...] = ()) -> int:
     `prompt`: top-level values decoded from `body`. No top-level key is inside one, so the
     longest, when it is long (a prompt of many KB), is not searched: the passes cover the
     rest of the body only."""
-    at = body.find(b'"model"')
-    if at < 0:
-        return -1
-    start = end = size = len(body)  # [start, end): the span not searched (none)
-    if size >= _SEARCH_PAST and prompt:
-        longest = max(prompt, key=len)
-        if len(longest) >= _SEARCH_PAST:
-            start, end = raw_span(body, longest)
-            if start <= at:  # a `"model"` inside the prompt comes first: the key is elsewhere
-                return -1
-    if body.find(b'"model"', at + 7, start) >= 0 or body.find(b"\\u006", 0, start) >= 0:
-        return -1
-    if end < size and (body.find(b'"model"', end) >= 0 or body.find(b"\\u006", end) >= 0):
+    size = len(body)
+    longest = max(prompt, key=len) if size >= _SEARCH_PAST and prompt else None
+    if longest is None or len(longest) < _SEARCH_PAST:  # the usual, short body: all of it
+        at = body.find(b'"model"')
+        if at < 0 or body.find(b'"model"', at + 7) >= 0 or body.find(b"\\u006") >= 0:
+            return -1
+        return at
+    start, end = raw_span(body, longest)  # [start, end): not searched
+    at = body.find(b'"model"', 0, start)
+    if at >= 0:
+        second = body.find(b'"model"', at + 7, start) >= 0 or body.find(b'"model"', end) >= 0
+    else:  # none before the prompt: the key is after it
+        at = body.find(b'"model"', end)
+        if at < 0:
+            return -1
+        second = body.find(b'"model"', at + 7) >= 0
+    if second or body.find(b"\\u006", 0, start) >= 0 or body.find(b"\\u006", end) >= 0:
         return -1
     return at
 

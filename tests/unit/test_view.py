@@ -217,6 +217,9 @@ LONG_WITH_MODEL = b'[{"role": "user", "model": "n", "content": "' + b"x " * 4000
         b'{"model": "a", "messages": ' + LONG + b', "mod\\u0065l": "b"}',
         b'{"mod\\u0065l": "a", "messages": ' + LONG + b', "model": "b"}',
         b'{"model": "a", "messages": ' + LONG_WITH_MODEL + b', "model": "b"}',
+        b'{"messages": ' + LONG + b', "model": "a", "model": "b"}',
+        b'{"messages": ' + LONG_WITH_MODEL + b', "model": "a", "mod\\u0065l": "b"}',
+        b'{"mod\\u0065l": "b", "messages": ' + LONG_WITH_MODEL + b', "model": "a"}',
     ],
 )
 def test_model_twice_around_a_long_prompt_is_refused(body: bytes) -> None:
@@ -242,6 +245,35 @@ def test_model_once_beside_a_long_prompt(body: bytes) -> None:
     assert "a" == view.model
     assert view.model_at is not None
     assert b'"a"' == body[view.model_at[0] : view.model_at[1]]
+
+
+_KEYS = st.sampled_from(["model", "mod\\u0065l", "\\u006dodel", "x"])
+
+
+@given(
+    before=st.lists(_KEYS, max_size=2),
+    after=st.lists(_KEYS, max_size=2),
+    prompt=st.sampled_from([LONG, LONG_WITH_MODEL]),
+)
+def test_a_long_prompt_changes_no_verdict_on_model(
+    before: list[str], after: list[str], prompt: bytes
+) -> None:
+    """Against Python's own parse of the top level: a body with a long prompt (which `peek`
+    leaves out of its searches) has its one `model` found, or is refused for none or two."""
+    members = [f'"{k}": "b{i}"'.encode() for i, k in enumerate(before)]
+    members += [b'"messages": ' + prompt]
+    members += [f'"{k}": "a{i}"'.encode() for i, k in enumerate(after)]
+    body = b"{" + b", ".join(members) + b"}"
+    top = json.loads(body, object_pairs_hook=lambda pairs: pairs)
+    models = [value for key, value in top if key == "model"]
+    if len(models) != 1:
+        with pytest.raises(InvalidRequest):
+            peek(body, ("messages",))
+        return
+    view = peek(body, ("messages",))
+    assert models[0] == view.model
+    assert view.model_at is not None
+    assert json.dumps(models[0]).encode() == body[view.model_at[0] : view.model_at[1]]
 
 
 def test_invalid_utf8_in_a_skipped_value_is_refused() -> None:
