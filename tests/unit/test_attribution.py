@@ -40,6 +40,19 @@ def test_the_table_shows_the_lowest_and_highest_round() -> None:
     assert rows[3] == "| gateway | 1,000 | 105.0 | 35.0 | 140.0 | 130.0-150.0 | 65.0 | - |"
 
 
+def _runs(*totals: float) -> list[dict[str, float]]:
+    return [{"requests_per_s": 1.0, "user_us": t - 30.0, "system_us": 30.0} for t in totals]
+
+
+def test_what_a_phase_saved_is_judged_round_by_round() -> None:
+    """The machine's pace moves both cases of a round alike: a phase is judged against the
+    gateway's run of its own round (medians of the two columns would say -10 here)."""
+    gateway = Case("gateway", [], _runs(130.0, 170.0, 150.0))
+    without = Case("gateway without metrics", [], _runs(127.0, 167.0, 160.0))
+    rows = table([_case("floor", 40.0, 14.0), gateway, without])
+    assert rows[4].endswith("| 3.0 |")
+
+
 def test_a_phase_that_no_longer_exists_is_refused_not_measured_as_the_whole_gateway() -> None:
     with pytest.raises(AttributeError, match="does not exist"):
         swap("proxy.middleware:no_such_phase", None)
