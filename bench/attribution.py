@@ -31,22 +31,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from bench import sections
+from bench import rounds, sections
 from bench.processes import free_port, start, stop
 from bench.procstat import cpu_split
 from bench.scenarios import LOAD_CPU, PROXY_CPU, ROOT
@@ -62,7 +58,6 @@ BODY = orjson.dumps(
     }
 )
 CONNECTIONS = 64
-SIMBACKEND = [sys.executable, "-m", "bench.simbackend", "--port"]
 
 
 # --- the phases, each replaced in the process under test (`--serve-without`) ---------------
@@ -289,15 +284,6 @@ def table(all_cases: list[Case]) -> list[str]:
 
 
 def section(lines: list[str], rounds: int, seconds: float, elapsed: float) -> str:
-    cpu = platform.processor() or platform.machine()
-    for row in Path("/proc/cpuinfo").read_text().splitlines():
-        if row.startswith("model name"):
-            cpu = row.split(":", 1)[1].strip()
-            break
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    phases = [f"- `{name}`: {what}" for name, (what, _) in PHASES.items()]
     return "\n".join(
         [
             f"## {TITLE}",
@@ -308,16 +294,13 @@ def section(lines: list[str], rounds: int, seconds: float, elapsed: float) -> st
             "this). 'saved' is the median over rounds of what the gateway's CPU per request",
             "fell by without the phase, against the gateway's own run in the same round.",
             "",
-            f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; commit {commit}",
-            f"- machine: {cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}",
-            f"- run: {rounds} round(s) of {seconds:.0f} s per case, interleaved, medians; "
-            f"{elapsed:.0f} s",
+            *sections.stamp(rounds, seconds, elapsed, "interleaved, medians"),
             "",
             *lines,
             "",
             "The phases:",
             "",
-            *phases,
+            *(f"- `{name}`: {what}" for name, (what, _) in PHASES.items()),
             "",
         ]
     )
@@ -327,9 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.attribution", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="1 round of 2 s per case")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=6.0)
+    rounds.add_options(parser, seconds=6.0)
     parser.add_argument("--busy-us", type=float, default=70.0, help="the floor's busy work")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     parser.add_argument("--serve-without", help=argparse.SUPPRESS)
@@ -346,25 +327,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_floor_busy is not None:
         serve_floor_busy(args.serve_floor_busy, rest)
         return 0
-    rounds, seconds = (1, 2.0) if args.quick else (args.rounds, args.seconds)
+    count, seconds = rounds.chosen(args)
     started = time.monotonic()
     all_cases = cases(args.busy_us)
     with tempfile.TemporaryDirectory(prefix="bench-attribution-") as tmp:
         work = Path(tmp)
-        backend_port = free_port()
-        backend = start(
-            "simbackend",
-            [*SIMBACKEND, str(backend_port), f"--model={MODEL}", "--keepalive-s=30"],
-            port=backend_port,
-            cpu=LOAD_CPU,
-            log_dir=work,
-            cwd=ROOT,
-        )
+        backend = rounds.simbackend(work, f"--model={MODEL}", "--keepalive-s=30")
         try:
-            for round_ in range(rounds):
-                for case in all_cases:
-                    print(f"round {round_ + 1}/{rounds}: {case.name}", file=sys.stderr)
-                    measure(case, backend.url, work, seconds)
+            rounds.interleaved(
+                count,
+                all_cases,
+                lambda case: case.name,
+                lambda case: measure(case, backend.url, work, seconds),
+            )
         finally:
             stop(backend)
     out = ROOT / "bench" / "out"
@@ -374,14 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = table(all_cases)
     print("\n".join(lines))
     if not args.no_write and not args.quick:
-        results = ROOT / "bench" / "RESULTS.md"
-        text = results.read_text() if results.exists() else "# Benchmark results\n"
-        results.write_text(
-            sections.replace(
-                text, TITLE, section(lines, rounds, seconds, time.monotonic() - started)
-            )
-        )
-        print(f"\nwrote the '## {TITLE}' section of {results}")
+        sections.write(TITLE, section(lines, count, seconds, time.monotonic() - started))
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -31,13 +30,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from bench import sections
+from bench import rounds, sections
 from bench.processes import Service, StartError, free_port, pinned, start, stop
 from bench.procstat import cpu_seconds
 from bench.scenarios import LOAD_CPU, PROXY_CPU, ROOT
@@ -50,7 +48,7 @@ BODY = orjson.dumps(
 CONNECTIONS = 16
 BIG = {"rpm": 100_000_000, "tpm": 10_000_000_000, "max_in_flight": 100_000}
 STATIC_KEY = "bench-static-key-0123456789"
-SIMBACKEND = [sys.executable, "-m", "bench.simbackend", "--ttft-ms", "0", "--chunk-delay-ms", "0"]
+SIM_OPTIONS = ("--ttft-ms", "0", "--chunk-delay-ms", "0")
 
 
 @dataclass
@@ -208,17 +206,6 @@ def table(all_cases: list[Case]) -> list[str]:
 
 
 def section(lines: list[str], rounds: int, seconds: float, elapsed: float) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for row in Path("/proc/cpuinfo").read_text().splitlines():
-            if row.startswith("model name"):
-                cpu = row.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
     return "\n".join(
         [
             f"## {TITLE}",
@@ -230,9 +217,7 @@ def section(lines: list[str], rounds: int, seconds: float, elapsed: float) -> st
             "process; Redis's is shown beside it. Read the ratios: a shared machine's absolute",
             "figures move from run to run, and between this section and the others.",
             "",
-            f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; commit {commit}",
-            f"- machine: {cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}",
-            f"- run: {rounds} round(s) of {seconds:.0f} s per case, medians; {elapsed:.0f} s",
+            *sections.stamp(rounds, seconds, elapsed, "medians"),
             "",
             *lines,
             "",
@@ -244,34 +229,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.auth", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="1 round of 2 s per case")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    rounds.add_options(parser, seconds=5.0)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md")
     args = parser.parse_args(argv)
-    rounds, seconds = (1, 2.0) if args.quick else (args.rounds, args.seconds)
+    count, seconds = rounds.chosen(args)
     started = time.monotonic()
     all_cases = cases()
     with tempfile.TemporaryDirectory(prefix="bench-auth-") as tmp:
         work = Path(tmp)
-        backend_port = free_port()
-        backend = start(
-            "simbackend",
-            [*SIMBACKEND, "--port", str(backend_port)],
-            port=backend_port,
-            cpu=LOAD_CPU,
-            log_dir=work,
-            cwd=ROOT,
-        )
+        backend = rounds.simbackend(work, *SIM_OPTIONS)
         redis = redis_server(work)
         if redis is None:
             all_cases = [c for c in all_cases if c.store != "redis"]
             print("redis-server is not installed: the Redis cases are left out", file=sys.stderr)
         try:
-            for round_ in range(rounds):
-                for case in all_cases:
-                    print(f"round {round_ + 1}/{rounds}: {case.name}", file=sys.stderr)
-                    measure(case, backend.url, redis, work, seconds)
+            rounds.interleaved(
+                count,
+                all_cases,
+                lambda case: case.name,
+                lambda case: measure(case, backend.url, redis, work, seconds),
+            )
         finally:
             if redis is not None:
                 stop(redis)
@@ -279,14 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = table(all_cases)
     print("\n".join(lines))
     if not args.no_write and not args.quick:
-        results = ROOT / "bench" / "RESULTS.md"
-        text = results.read_text() if results.exists() else "# Benchmark results\n"
-        results.write_text(
-            sections.replace(
-                text, TITLE, section(lines, rounds, seconds, time.monotonic() - started)
-            )
-        )
-        print(f"\nwrote the '## {TITLE}' section of {results}")
+        sections.write(TITLE, section(lines, count, seconds, time.monotonic() - started))
     return 0
 
 

@@ -1,9 +1,14 @@
-"""Named `## ` sections of bench/RESULTS.md that one tool writes and the others keep (pure)."""
+"""Named `## ` sections of bench/RESULTS.md that one tool writes and the others keep."""
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from pathlib import Path
+
+from bench.report import commit, machine
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 def _pattern(title: str) -> re.Pattern[str]:
@@ -34,3 +39,20 @@ def keep(path: Path, new_text: str, titles: tuple[str, ...]) -> str:
         if section is not None and find(out, title) is None:
             out += "\n" + section + "\n"
     return out
+
+
+def stamp(rounds: int, seconds: float, elapsed: float, how: str = "medians") -> list[str]:
+    """The date, commit, machine and run lines a tool's section opens with."""
+    m = machine()
+    return [
+        f"- date: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; commit {commit(RESULTS.parent.parent)}",
+        f"- machine: {m['cpu']}, {m['cpus']} CPUs, Linux {m['kernel']}",
+        f"- run: {rounds} round(s) of {seconds:.0f} s per case, {how}; {elapsed:.0f} s",
+    ]
+
+
+def write(title: str, section: str) -> None:
+    """Put `section` in bench/RESULTS.md in place of its `## title` section (the rest stays)."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    RESULTS.write_text(replace(text, title, section))
+    print(f"\nwrote the '## {title}' section of {RESULTS}")

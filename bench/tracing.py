@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from bench import rounds
 from bench.processes import free_port, http_get, start, stop
 from bench.procstat import cpu_seconds
 from bench.scenarios import LOAD_CPU, PROXY_CPU, ROOT
@@ -43,7 +44,7 @@ from bench.streamload import chat_body
 from bench.wrk import run_wrk
 
 CONNECTIONS = 64  # as S1
-SIMBACKEND = [sys.executable, "-m", "bench.simbackend", "--ttft-ms", "0", "--chunk-delay-ms", "0"]
+SIM_OPTIONS = ("--ttft-ms", "0", "--chunk-delay-ms", "0")
 
 
 @dataclass
@@ -163,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.tracing", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--quick", action="store_true", help="1 round of 2 s per case")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    rounds.add_options(parser, seconds=5.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out")
     parser.add_argument("--before", metavar="REV", help="add the gateway at REV as the base case")
     parser.add_argument("--collector", type=int, help=argparse.SUPPRESS)  # the sink's own mode
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.collector is not None:
         collector(args.collector)
         return 0
-    rounds, seconds = (1, 2.0) if args.quick else (args.rounds, args.seconds)
+    count, seconds = rounds.chosen(args)
     started = time.monotonic()
     all_cases = cases()
     with tempfile.TemporaryDirectory(prefix="bench-tracing-") as tmp:
@@ -181,22 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.before:
             before = Case(f"before tracing ({args.before})", None, source_tree(args.before, work))
             all_cases.insert(0, before)
-        backend_port, sink_port = free_port(), free_port()
-        backend = start(
-            "simbackend",
-            [*SIMBACKEND, "--port", str(backend_port)],
-            port=backend_port,
-            cpu=LOAD_CPU,
-            log_dir=work,
-            cwd=ROOT,
-        )
+        backend = rounds.simbackend(work, *SIM_OPTIONS)
+        sink_port = free_port()
         sink_argv = [sys.executable, "-m", "bench.tracing", "--collector", str(sink_port)]
         sink = start("collector", sink_argv, port=sink_port, cpu=LOAD_CPU, log_dir=work, cwd=ROOT)
         try:
-            for round_ in range(rounds):
-                for case in all_cases:
-                    print(f"round {round_ + 1}/{rounds}: {case.name}", file=sys.stderr)
-                    measure(case, backend.url, f"{sink.url}/v1/traces", work, seconds)
+            rounds.interleaved(
+                count,
+                all_cases,
+                lambda case: case.name,
+                lambda case: measure(case, backend.url, f"{sink.url}/v1/traces", work, seconds),
+            )
         finally:
             stop(sink)
             stop(backend)
@@ -208,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "commit": commit,
-        "rounds": rounds,
+        "rounds": count,
         "seconds": seconds,
         "elapsed_s": round(time.monotonic() - started, 1),
         "cases": {case.name: case.runs for case in all_cases},
