@@ -284,26 +284,22 @@ def table(all_cases: list[Case]) -> list[str]:
 
 
 def section(lines: list[str], rounds: int, seconds: float, elapsed: float) -> str:
-    return "\n".join(
-        [
-            f"## {TITLE}",
-            "",
-            "Written by `python -m bench.attribution` (its docstring says how): S1's shape, the",
-            "floor, the floor with busy work, the gateway, and the gateway with each default",
-            "phase taken out in turn (in the measured process only: no configuration does",
-            "this). 'saved' is the median over rounds of what the gateway's CPU per request",
-            "fell by without the phase, against the gateway's own run in the same round.",
-            "",
-            *sections.stamp(rounds, seconds, elapsed, "interleaved, medians"),
-            "",
-            *lines,
-            "",
-            "The phases:",
-            "",
-            *(f"- `{name}`: {what}" for name, (what, _) in PHASES.items()),
-            "",
-        ]
-    )
+    about = [
+        "Written by `python -m bench.attribution` (its docstring says how): S1's shape, the",
+        "floor, the floor with busy work, the gateway, and the gateway with each default",
+        "phase taken out in turn (in the measured process only: no configuration does",
+        "this). 'saved' is the median over rounds of what the gateway's CPU per request",
+        "fell by without the phase, against the gateway's own run in the same round.",
+    ]
+    opening = sections.stamp(rounds, seconds, elapsed, "interleaved, medians")
+    body = [
+        *lines,
+        "",
+        "The phases:",
+        "",
+        *(f"- `{name}`: {what}" for name, (what, _) in PHASES.items()),
+    ]
+    return sections.made(TITLE, about, opening, body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,23 +206,16 @@ def table(all_cases: list[Case]) -> list[str]:
 
 
 def section(lines: list[str], rounds: int, seconds: float, elapsed: float) -> str:
-    return "\n".join(
-        [
-            f"## {TITLE}",
-            "",
-            "Written by `python -m bench.auth`: what a request pays for its key check and its rate",
-            "limits, the simulated backend answering at once (non-streaming chat, 16 connections,",
-            "wrk), one gateway worker pinned to CPU 1 (backend, Redis and wrk on CPU 0). Every",
-            "limit is far above the load, so nothing is refused. Gateway CPU is the gateway's own",
-            "process; Redis's is shown beside it. Read the ratios: a shared machine's absolute",
-            "figures move from run to run, and between this section and the others.",
-            "",
-            *sections.stamp(rounds, seconds, elapsed, "medians"),
-            "",
-            *lines,
-            "",
-        ]
-    )
+    about = [
+        "Written by `python -m bench.auth`: what a request pays for its key check and its rate",
+        "limits, the simulated backend answering at once (non-streaming chat, 16 connections,",
+        "wrk), one gateway worker pinned to CPU 1 (backend, Redis and wrk on CPU 0). Every",
+        "limit is far above the load, so nothing is refused. Gateway CPU is the gateway's own",
+        "process; Redis's is shown beside it. Read the ratios: a shared machine's absolute",
+        "figures move from run to run, and between this section and the others.",
+    ]
+    opening = sections.stamp(rounds, seconds, elapsed, "medians")
+    return sections.made(TITLE, about, opening, lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,3 +56,8 @@ def write(title: str, section: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     RESULTS.write_text(replace(text, title, section))
     print(f"\nwrote the '## {title}' section of {RESULTS}")
+
+
+def made(title: str, about: list[str], opening: list[str], body: list[str]) -> str:
+    """A `## title` section: what wrote it (`about`), the `stamp` lines, then `body`."""
+    return "\n".join([f"## {title}", "", *about, "", *opening, "", *body, ""])
