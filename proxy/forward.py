@@ -50,7 +50,9 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
     """
     state, loop = call.state, asyncio.get_running_loop()
     failure: ProxyError | None = None  # what the last target that failed said
-    # a list, not a set: a plan has a few targets, and a set is 216 bytes for the stream's life
+    # a list, not a set: a plan has a few targets, and a set is 216 bytes for the stream's
+    # life; each target goes in once (the loop skips it, the queue waits only for the untried),
+    # so its length counts the distinct targets tried
     tried: list[tuple[str, str | None]] = []
     pending = distinct_targets(route)
     while True:
@@ -76,6 +78,8 @@ async def try_plan(call: Call, route: Plan, run: Attempt, key: bytes = b"") -> w
                     return await attempt(call, route, backend, target, run, why, last)
                 except Retry as retry:
                     failure = retry.error
+        # a target full in one step may have been tried in a later one: not waited for again
+        full = [(s, t) for s, t in full if (t.backend, t.upstream_model) not in tried]
         if not full:
             raise failure or BackendUnreachable("no backend could take the request")
         started = loop.time()

@@ -16,7 +16,15 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import wait_for
-from tests.fakes import chat_body, json_script, slow_json_script
+from tests.fakes import (
+    Received,
+    Script,
+    chat_body,
+    default_script,
+    json_script,
+    sequence_script,
+    slow_json_script,
+)
 from tests.integration.test_bad_input import call, call_text
 from tests.integration.test_metrics import samples, value
 
@@ -95,6 +103,59 @@ async def test_unreachable_targets_and_fallbacks_of_fallbacks(gateway_factory, u
     assert ["dead1:unreachable", "dead2:unreachable", "dead1:unreachable", "live"] == sorted(
         line["tries"][:2]
     ) + line["tries"][2:]
+
+
+async def test_a_target_tried_in_an_earlier_step_is_not_queued_for_again(
+    gateway_factory, upstream_factory
+) -> None:
+    """A target full in the first step but tried (and failed) in a fallback step is not
+    waited for once more: the queue waits for the target never tried, which answers. (`a`
+    leads `m`'s step by weight, all but surely: full, it is passed over for `b`.)"""
+    a, b, c = [await upstream_factory() for _ in range(3)]
+    a_free, c_free = asyncio.Event(), asyncio.Event()
+    config = (
+        "backends:\n"
+        f"  a: {{url: '{a.url}', kind: vllm, max_in_flight: 1}}\n"
+        f"  b: {{url: '{b.url}', kind: vllm}}\n"
+        f"  c: {{url: '{c.url}', kind: vllm, max_in_flight: 1}}\n"
+        "models:\n"
+        "  m: {targets: [{backend: a, model: up, weight: 1e6}, {backend: b, model: up, "
+        "weight: 1e-6}], policy: weighted, fallbacks: [n]}\n"
+        "  n: {targets: [{backend: a, model: up}, {backend: c, model: up}]}\n"
+        "  pa: {targets: [{backend: a, model: up}]}\n"
+        "  pc: {targets: [{backend: c, model: up}]}\n"
+    )
+    gw = await gateway_factory(config)
+
+    def held(event: asyncio.Event, then: Script) -> Script:
+        async def handle(request: web.Request, rec: Received) -> web.StreamResponse:
+            await event.wait()
+            return await then(request, rec)
+
+        return handle
+
+    async def b_answer(request: web.Request, rec: Received) -> web.StreamResponse:
+        a_free.set()  # `a`'s slot frees while `b` is tried: the fallback step finds it free
+        await wait_for(lambda: gw.state.backends["a"].in_flight == 0)
+        return await busy(request, rec)
+
+    busy = json_script(503, {"error": "busy"})
+    a.script[CHAT] = sequence_script(held(a_free, default_script), busy)
+    b.script[CHAT] = b_answer
+    c.script[CHAT] = sequence_script(held(c_free, default_script), default_script)
+    hold_a = asyncio.create_task(call(gw.url + CHAT, BODY.replace(b'"m"', b'"pa"')))
+    await wait_for(lambda: len(a.posts) == 1)
+    hold_c = asyncio.create_task(call(gw.url + CHAT, BODY.replace(b'"m"', b'"pc"')))
+    await wait_for(lambda: len(c.posts) == 1)
+    served = asyncio.create_task(call(gw.url + CHAT, BODY))
+    await wait_for(lambda: gw.state.admission.waiting == 1 or served.done())
+    c_free.set()
+    code, payload, _ = await served
+    assert (200, "chat.completion") == (code, payload.get("object")), payload
+    assert [200, 200] == [(await hold_a)[0], (await hold_c)[0]]
+    assert (2, 1, 2) == (len(a.posts), len(b.posts), len(c.posts))
+    tries = [json.loads(line)["tries"] for line in gw.access_lines() if b'"model":"m"' in line]
+    assert [["b:503", "a:503", "c"]] == tries
 
 
 async def test_the_queue_serves_the_nearest_deadline_first(gateway_factory, upstream) -> None:
